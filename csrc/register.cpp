@@ -1,0 +1,56 @@
+// Operator schemas (SPEC section 5). The argument order is binding: arguments
+// may only be appended, with defaults. Backends register in
+// cpu/cpu_registration.cpp and kernels/cuda_registration.cu; fake (meta)
+// kernels are registered from Python (python/dnateq/_meta.py).
+#include <Python.h>
+#include <torch/library.h>
+
+// An importable `dnateq._C` so that `import dnateq` loads this library and
+// runs the static registrations below; the module itself holds nothing.
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C",
+                                          nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+
+TORCH_LIBRARY(dnateq, m) {
+  m.def(
+      "exp_quantize(Tensor x, float alpha, float scale, float offset, int bits, "
+      "str rounding=\"nearest\", bool check_finite=True) -> Tensor");
+  m.def(
+      "exp_dequantize(Tensor codes, float alpha, float scale, float offset, "
+      "int bits, ScalarType dtype=float) -> Tensor");
+  m.def("exp_pack(Tensor codes, int bits, bool signed) -> Tensor");
+  m.def(
+      "exp_unpack(Tensor packed, int bits, bool signed, int[] shape) -> Tensor");
+  m.def(
+      "exp_linear_count(Tensor a_codes, Tensor w_codes, float alpha, float sa, "
+      "float ba, float sw, float bw, int bits, Tensor? bias, int? counter_bits, "
+      "Tensor? w_terms=None) -> Tensor");
+  m.def(
+      "exp_conv2d_count(Tensor a_codes, Tensor w_codes, float alpha, float sa, "
+      "float ba, float sw, float bw, int bits, Tensor? bias, int[2] stride, "
+      "int[2] padding, int[2] dilation, int groups, int? counter_bits, "
+      "Tensor? w_terms=None) -> Tensor");
+  m.def(
+      "exp_linear_lut(Tensor x, Tensor w_packed, int[] w_shape, float alpha, "
+      "float sa, float ba, float sw, float bw, int bits, bool a_signed, "
+      "bool w_signed, str rounding, Tensor? bias) -> Tensor");
+  m.def(
+      "exp_conv2d_lut(Tensor x, Tensor w_packed, int[] w_shape, float alpha, "
+      "float sa, float ba, float sw, float bw, int bits, bool a_signed, "
+      "bool w_signed, str rounding, Tensor? bias, int[2] stride, "
+      "int[2] padding, int[2] dilation, int groups) -> Tensor");
+  m.def(
+      "exp_fit(Tensor x, int bits, str search=\"golden\", "
+      "str rounding=\"nearest\", float? alpha=None) "
+      "-> (float, float, float, float)");
+  m.def(
+      "exp_error(Tensor x, float alpha, float scale, float offset, int bits, "
+      "str rounding=\"nearest\") -> float");
+  // Beyond SPEC's list: many candidates at once, sorted once (analysis,
+  // benchmarks). float64 [C], on the CPU.
+  m.def(
+      "exp_errors(Tensor x, float[] alpha, float[] scale, float[] offset, "
+      "int bits, str rounding=\"nearest\") -> Tensor");
+}
