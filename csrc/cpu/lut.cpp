@@ -1,0 +1,148 @@
+// The fast ("lut") path on the CPU: quantize the float activations with the
+// layer's parameters, dequantize activations and packed weights through
+// their level tables, and call the native matmul / convolution. For a few
+// rows (GEMV, the memory-bound decoding case) a fused kernel reads the packed
+// weights directly and never writes a float copy of them.
+#include <ATen/Parallel.h>
+
+#include <vector>
+
+#include "../checks.h"
+#include "../ops.h"
+#include "cpu_kernels.h"
+
+namespace dnateq {
+namespace cpu {
+namespace {
+
+// Rows at or below which exp_linear_lut uses the fused decode-and-dot kernel.
+constexpr int64_t kGemvMaxRows = 4;
+
+struct LutArgs {
+  ExpTables ta, tw;
+  at::Tensor bias;  // float32 or undefined
+};
+
+LutArgs check_lut_args(const at::Tensor& x, const at::Tensor& w_packed,
+                       int64_t rows, int64_t K, double alpha, double sa,
+                       double ba, double sw, double bw, int64_t bits,
+                       bool w_signed, c10::string_view rounding,
+                       const c10::optional<at::Tensor>& bias, int64_t n_out) {
+  check_float_input(x, "x");
+  check_same_device(x, "x", w_packed, "w_packed");
+  LutArgs A;
+  const Rounding r = parse_rounding(rounding);
+  make_checked_tables(A.ta, alpha, sa, ba, bits, r, "sa", "ba");
+  make_checked_tables(A.tw, alpha, sw, bw, bits, r, "sw", "bw");
+  detail::check_packed(w_packed, rows, K, bits, w_signed, "w_packed");
+  if (bias.has_value() && bias->defined()) {
+    check_same_device(*bias, "bias", x, "x");
+    TORCH_CHECK(is_supported_float(bias->scalar_type()),
+                "dnateq: bias must be float32, float16 or bfloat16, got ",
+                bias->scalar_type());
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n_out,
+                "dnateq: bias must have shape [", n_out, "], got ", bias->sizes());
+    A.bias = bias->to(at::kFloat).contiguous();
+  }
+  return A;
+}
+
+void check_w_shape(at::IntArrayRef w_shape, int64_t dims, const char* what) {
+  TORCH_CHECK(static_cast<int64_t>(w_shape.size()) == dims, "dnateq: w_shape must have ",
+              dims, " elements ", what, ", got ", w_shape);
+  for (int64_t s : w_shape) {
+    TORCH_CHECK(s >= 0, "dnateq: w_shape must be non-negative, got ", w_shape);
+  }
+}
+
+// y[m, n] = sum_k xq[m, k] * level(w[n, k]) + bias[n], decoding each weight
+// row once for all m.
+at::Tensor fused_gemv(const at::Tensor& xq, const at::Tensor& packed, int64_t N,
+                      int64_t K, const ExpTables& tw, bool w_signed,
+                      const at::Tensor& bias) {
+  const int64_t M = xq.size(0);
+  float lut[256];
+  detail::field_levels(tw, w_signed, lut);
+  const int b = packed_field_bits(tw.bits, w_signed);
+  const int64_t rb = packed.size(1);
+  const uint8_t* src = packed.const_data_ptr<uint8_t>();
+  const float* x = xq.const_data_ptr<float>();
+  const float* bp = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
+  at::Tensor out = at::empty({M, N}, xq.options());
+  float* o = out.data_ptr<float>();
+  constexpr int64_t kChunk = 1024;  // multiple of 32: chunks start on words
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    float wrow[kChunk];
+    for (int64_t n = n0; n < n1; ++n) {
+      double acc[kGemvMaxRows] = {0, 0, 0, 0};
+      for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
+        const int64_t len = std::min(kChunk, K - k0);
+        detail::decode_row(src + n * rb + (k0 / 32) * 4 * b, len, b, lut, wrow);
+        for (int64_t m = 0; m < M; ++m) {
+          const float* xr = x + m * K + k0;
+          float s = 0.f;
+#pragma omp simd reduction(+ : s)
+          for (int64_t k = 0; k < len; ++k) s += xr[k] * wrow[k];
+          acc[m] += s;
+        }
+      }
+      for (int64_t m = 0; m < M; ++m) {
+        o[m * N + n] = static_cast<float>(acc[m] + (bp ? bp[n] : 0.0));
+      }
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+at::Tensor exp_linear_lut(const at::Tensor& x, const at::Tensor& w_packed,
+                          at::IntArrayRef w_shape, double alpha, double sa,
+                          double ba, double sw, double bw, int64_t bits,
+                          bool /*a_signed: the float path handles any sign*/,
+                          bool w_signed, c10::string_view rounding,
+                          const c10::optional<at::Tensor>& bias) {
+  check_w_shape(w_shape, 2, "[N, K] for a linear weight");
+  const int64_t N = w_shape[0], K = w_shape[1];
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, "dnateq: x last dimension (",
+              x.dim() ? x.size(-1) : 0, ") must equal w_shape[1] (", K, ")");
+  const LutArgs A = check_lut_args(x, w_packed, N, K, alpha, sa, ba, sw, bw,
+                                   bits, w_signed, rounding, bias, N);
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = N;
+  const at::Tensor xq = detail::fake_quantize_to_float(x, A.ta, "x").reshape({-1, K});
+  at::Tensor y;
+  if (xq.size(0) <= kGemvMaxRows && K > 0) {
+    y = fused_gemv(xq, w_packed.contiguous(), N, K, A.tw, w_signed, A.bias);
+  } else {
+    const at::Tensor wq = detail::decode_packed_to_float(w_packed, N, K, A.tw, w_signed);
+    y = A.bias.defined() ? at::linear(xq, wq, A.bias) : at::linear(xq, wq);
+  }
+  y = y.reshape(out_shape);
+  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+}
+
+at::Tensor exp_conv2d_lut(const at::Tensor& x, const at::Tensor& w_packed,
+                          at::IntArrayRef w_shape, double alpha, double sa,
+                          double ba, double sw, double bw, int64_t bits,
+                          bool /*a_signed*/, bool w_signed,
+                          c10::string_view rounding,
+                          const c10::optional<at::Tensor>& bias,
+                          at::IntArrayRef stride, at::IntArrayRef padding,
+                          at::IntArrayRef dilation, int64_t groups) {
+  check_w_shape(w_shape, 4, "[O, C/groups, kh, kw] for a conv weight");
+  check_conv_geometry(x.sizes(), w_shape, stride, padding, dilation, groups, "x", "w_shape");
+  const int64_t O = w_shape[0], K = w_shape[1] * w_shape[2] * w_shape[3];
+  const LutArgs A = check_lut_args(x, w_packed, O, K, alpha, sa, ba, sw, bw,
+                                   bits, w_signed, rounding, bias, O);
+  const at::Tensor xq = detail::fake_quantize_to_float(x, A.ta, "x");
+  const at::Tensor wq = detail::decode_packed_to_float(w_packed, O, K, A.tw, w_signed)
+                            .reshape(w_shape);
+  at::Tensor y = at::conv2d(xq, wq, A.bias.defined() ? c10::optional<at::Tensor>(A.bias)
+                                                     : c10::nullopt,
+                            stride, padding, dilation, groups);
+  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+}
+
+}  // namespace cpu
+}  // namespace dnateq

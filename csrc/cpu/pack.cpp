@@ -1,0 +1,154 @@
+// exp_pack / exp_unpack on the CPU, and the packed-weight decoder used by
+// the LUT operators. Layout (SPEC section 1): d0 rows of K fields of b bits,
+// LSB-first into little-endian 32-bit words, each row 4-byte aligned.
+#include <ATen/Parallel.h>
+
+#include <atomic>
+
+#include "../checks.h"
+#include "../ops.h"
+#include "cpu_kernels.h"
+
+namespace dnateq {
+namespace cpu {
+namespace {
+
+// Rows and row length of a tensor's packed layout.
+std::pair<int64_t, int64_t> packed_dims(at::IntArrayRef shape) {
+  if (shape.empty()) return {1, 1};             // 0-d: one row of one
+  if (shape.size() == 1) return {1, shape[0]};  // 1-D: one row
+  int64_t K = 1;
+  for (size_t i = 1; i < shape.size(); ++i) K *= shape[i];
+  return {shape[0], K};
+}
+
+// 32 fields of b bits fill exactly b words, so work splits on 32-element
+// groups without sharing a word.
+constexpr int64_t kGroup = 32;
+
+}  // namespace
+
+namespace detail {
+
+void check_packed(const at::Tensor& packed, int64_t rows, int64_t K,
+                  int64_t bits, bool is_signed, const char* name) {
+  TORCH_CHECK(packed.scalar_type() == at::kByte, "dnateq: ", name,
+              " must be uint8 (from exp_pack), got ", packed.scalar_type());
+  const int64_t rb = packed_row_bytes(K, static_cast<int>(bits), is_signed);
+  TORCH_CHECK(packed.dim() == 2 && packed.size(0) == rows &&
+                  packed.size(1) == rb,
+              "dnateq: ", name, " must have shape [", rows, ", ", rb,
+              "] for ", rows, " rows of ", K, " elements at bits=", bits,
+              (is_signed ? " signed" : " unsigned"), ", got ", packed.sizes());
+}
+
+void field_levels(const ExpTables& t, bool is_signed, float* lut) {
+  const int b = packed_field_bits(t.bits, is_signed);
+  for (uint32_t f = 0; f < (1u << b); ++f) {
+    const uint8_t code = field_to_code(f, t.bits, is_signed);
+    const float lv = t.levels[code & kMagMask];
+    lut[f] = (code & kSignBit) ? -lv : lv;
+  }
+}
+
+at::Tensor decode_packed_to_float(const at::Tensor& packed_in, int64_t rows,
+                                  int64_t K, const ExpTables& t,
+                                  bool is_signed) {
+  const at::Tensor packed = packed_in.contiguous();
+  float lut[256];
+  field_levels(t, is_signed, lut);
+  const int b = packed_field_bits(t.bits, is_signed);
+  const int64_t rb = packed.size(1);
+  at::Tensor out = at::empty({rows, K}, packed.options().dtype(at::kFloat));
+  const uint8_t* src = packed.const_data_ptr<uint8_t>();
+  float* dst = out.data_ptr<float>();
+  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1)),
+                   [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) decode_row(src + r * rb, K, b, lut, dst + r * K);
+  });
+  return out;
+}
+
+}  // namespace detail
+
+at::Tensor exp_pack(const at::Tensor& codes_in, int64_t bits, bool is_signed) {
+  check_codes(codes_in, "codes");
+  check_bits(bits);
+  const auto [rows, K] = packed_dims(codes_in.sizes());
+  const int b = packed_field_bits(static_cast<int>(bits), is_signed);
+  const int64_t rb = packed_row_bytes(K, static_cast<int>(bits), is_signed);
+  const at::Tensor codes = codes_in.contiguous();
+  at::Tensor out = at::zeros({rows, rb}, codes.options().dtype(at::kByte));
+  const uint8_t* src = reinterpret_cast<const uint8_t*>(codes.const_data_ptr<int8_t>());
+  uint8_t* dst = out.data_ptr<uint8_t>();
+  const int max_mag = num_levels(static_cast<int>(bits));
+  const int64_t groups = (K + kGroup - 1) / kGroup;
+  std::atomic<int> bad{0};  // 1: bits above n set; 2: sign in unsigned
+  at::parallel_for(0, rows * groups, 256, [&](int64_t g0, int64_t g1) {
+    int local = 0;
+    for (int64_t g = g0; g < g1; ++g) {
+      const int64_t r = g / groups, i0 = (g % groups) * kGroup;
+      const int64_t i1 = std::min(K, i0 + kGroup);
+      const uint8_t* c = src + r * K;
+      uint8_t* row = dst + r * rb + (i0 / kGroup) * 4 * b;
+      uint64_t acc = 0;
+      int nbits = 0;
+      for (int64_t i = i0; i < i1; ++i) {
+        const uint8_t code = c[i];
+        if ((code & kMagMask) > max_mag) local |= 1;
+        if (!is_signed && (code & kSignBit)) local |= 2;
+        acc |= static_cast<uint64_t>(code_to_field(code, static_cast<int>(bits),
+                                                   is_signed)) << nbits;
+        nbits += b;
+        if (nbits >= 32) {
+          const uint32_t w = static_cast<uint32_t>(acc);
+          std::memcpy(row, &w, 4);
+          row += 4;
+          acc >>= 32;
+          nbits -= 32;
+        }
+      }
+      if (nbits > 0) {  // last partial word of the row
+        const uint32_t w = static_cast<uint32_t>(acc);
+        std::memcpy(row, &w, 4);
+      }
+    }
+    if (local) bad |= local;
+  });
+  TORCH_CHECK(!(bad.load() & 1), "dnateq: codes has bits above bit ", bits - 1,
+              " set, which is not a valid code for bits=", bits);
+  TORCH_CHECK(!(bad.load() & 2),
+              "dnateq: codes has negative codes (sign bit set) but signed=False; "
+              "pack signed tensors with signed=True");
+  return out;
+}
+
+at::Tensor exp_unpack(const at::Tensor& packed_in, int64_t bits, bool is_signed,
+                      at::IntArrayRef shape) {
+  check_bits(bits);
+  for (int64_t s : shape) {
+    TORCH_CHECK(s >= 0, "dnateq: shape must be non-negative, got ", shape);
+  }
+  const auto [rows, K] = packed_dims(shape);
+  detail::check_packed(packed_in, rows, K, bits, is_signed, "packed");
+  const at::Tensor packed = packed_in.contiguous();
+  const int b = packed_field_bits(static_cast<int>(bits), is_signed);
+  int8_t lut[256];
+  for (uint32_t f = 0; f < (1u << b); ++f) {
+    lut[f] = static_cast<int8_t>(field_to_code(f, static_cast<int>(bits), is_signed));
+  }
+  at::Tensor out = at::empty(shape, packed.options().dtype(at::kChar));
+  const uint8_t* src = packed.const_data_ptr<uint8_t>();
+  int8_t* dst = out.data_ptr<int8_t>();
+  const int64_t rb = packed.size(1);
+  at::parallel_for(0, rows, std::max<int64_t>(1, 65536 / std::max<int64_t>(K, 1)),
+                   [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      detail::decode_row(src + r * rb, K, b, lut, dst + r * K);
+    }
+  });
+  return out;
+}
+
+}  // namespace cpu
+}  // namespace dnateq

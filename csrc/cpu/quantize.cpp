@@ -1,0 +1,201 @@
+// exp_quantize / exp_dequantize on the CPU, plus the block quantizer shared
+// with the LUT operators.
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cfloat>
+
+#include "../checks.h"
+#include "../ops.h"
+#include "cpu_kernels.h"
+
+namespace dnateq {
+namespace cpu {
+namespace detail {
+
+void load_as_float(const at::Tensor& x, int64_t begin, int64_t n, float* out) {
+  switch (x.scalar_type()) {
+    case at::kFloat:
+      std::memcpy(out, x.const_data_ptr<float>() + begin, n * sizeof(float));
+      break;
+    case at::kHalf: {
+      const at::Half* p = x.const_data_ptr<at::Half>() + begin;
+      for (int64_t i = 0; i < n; ++i) out[i] = static_cast<float>(p[i]);
+      break;
+    }
+    case at::kBFloat16: {
+      const at::BFloat16* p = x.const_data_ptr<at::BFloat16>() + begin;
+      for (int64_t i = 0; i < n; ++i) out[i] = static_cast<float>(p[i]);
+      break;
+    }
+    default:
+      TORCH_CHECK(false, "dnateq: unsupported dtype ", x.scalar_type());
+  }
+}
+
+namespace {
+
+// Counting comparator: every element against every threshold. Branch-free
+// and vectorizable, so it wins while the table is small. Compiled for AVX2
+// as well as the baseline; the loader picks at run time.
+__attribute__((target_clones("avx2", "default")))
+bool count_small(const float* x, int64_t n, const float* thr, int n_thr,
+                 uint8_t* biased) {
+  int32_t cnt[kBlock];
+  float mag[kBlock];
+  int32_t bad = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const float m = std::fabs(x[i]);
+    mag[i] = m;
+    bad |= !(m <= FLT_MAX);  // NaN and Inf both fail
+    cnt[i] = 1;
+  }
+  for (int k = 0; k < n_thr; ++k) {
+    const float t = thr[k];
+    for (int64_t i = 0; i < n; ++i) cnt[i] += (mag[i] >= t) ? 1 : 0;
+  }
+  for (int64_t i = 0; i < n; ++i) biased[i] = static_cast<uint8_t>(cnt[i]);
+  return bad == 0;
+}
+
+// Branch-free binary search over the thresholds padded to 2^n - 1 entries
+// with +inf, for the larger tables.
+bool search_large(const float* x, int64_t n, const ExpTables& t,
+                  uint8_t* biased) {
+  float padded[kMaxLevels];
+  const int size = num_levels(t.bits);  // 2^n - 1 slots, 2^n - 2 thresholds
+  std::copy(t.thresholds, t.thresholds + t.n_thr, padded);
+  for (int k = t.n_thr; k < size; ++k) padded[k] = INFINITY;
+  const int top = 1 << (t.bits - 1);
+  bool ok = true;
+  for (int64_t i = 0; i < n; ++i) {
+    const float m = std::fabs(x[i]);
+    ok &= (m <= FLT_MAX);
+    int pos = 0;
+    for (int step = top; step > 0; step >>= 1) {
+      pos += (m >= padded[pos + step - 1]) ? step : 0;
+    }
+    biased[i] = static_cast<uint8_t>(1 + pos);
+  }
+  return ok;
+}
+
+}  // namespace
+
+bool biased_exponents(const float* x, int64_t n, const ExpTables& t,
+                      uint8_t* biased) {
+  if (t.bits <= 5) return count_small(x, n, t.thresholds, t.n_thr, biased);
+  return search_large(x, n, t, biased);
+}
+
+bool encode_block(const float* x, int64_t n, const ExpTables& t, int8_t* out) {
+  uint8_t b[kBlock];
+  const bool ok = biased_exponents(x, n, t, b);
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = x[i];
+    uint8_t c = (v < 0.f) ? static_cast<uint8_t>(b[i] | kSignBit) : b[i];
+    out[i] = static_cast<int8_t>(v == 0.f ? 0 : c);
+  }
+  return ok;
+}
+
+bool fake_quantize_block(const float* x, int64_t n, const ExpTables& t,
+                         float* out) {
+  uint8_t b[kBlock];
+  const bool ok = biased_exponents(x, n, t, b);
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = x[i];
+    const float lv = t.levels[b[i]];
+    out[i] = v == 0.f ? 0.f : (v < 0.f ? -lv : lv);
+  }
+  return ok;
+}
+
+at::Tensor fake_quantize_to_float(const at::Tensor& x_in, const ExpTables& t,
+                                  const char* arg) {
+  const at::Tensor x = x_in.contiguous();
+  at::Tensor out = at::empty(x.sizes(), x.options().dtype(at::kFloat));
+  float* o = out.data_ptr<float>();
+  std::atomic<bool> ok{true};
+  at::parallel_for(0, x.numel(), 16 * kBlock, [&](int64_t b0, int64_t b1) {
+    float buf[kBlock];
+    for (int64_t s = b0; s < b1; s += kBlock) {
+      const int64_t n = std::min(kBlock, b1 - s);
+      load_as_float(x, s, n, buf);
+      if (!fake_quantize_block(buf, n, t, o + s)) ok = false;
+    }
+  });
+  TORCH_CHECK(ok.load(), "dnateq: ", arg,
+              " contains non-finite values (NaN or Inf)");
+  return out;
+}
+
+}  // namespace detail
+
+at::Tensor exp_quantize(const at::Tensor& x_in, double alpha, double scale,
+                        double offset, int64_t bits, c10::string_view rounding,
+                        bool /*check_finite: always on for the CPU*/) {
+  check_float_input(x_in, "x");
+  ExpTables t;
+  make_checked_tables(t, alpha, scale, offset, bits, parse_rounding(rounding),
+                      "scale", "offset");
+  const at::Tensor x = x_in.contiguous();
+  at::Tensor out = at::empty(x.sizes(), x.options().dtype(at::kChar));
+  int8_t* o = out.data_ptr<int8_t>();
+  std::atomic<bool> ok{true};
+  at::parallel_for(0, x.numel(), 16 * detail::kBlock,
+                   [&](int64_t b0, int64_t b1) {
+    float buf[detail::kBlock];
+    for (int64_t s = b0; s < b1; s += detail::kBlock) {
+      const int64_t n = std::min(detail::kBlock, b1 - s);
+      detail::load_as_float(x, s, n, buf);
+      if (!detail::encode_block(buf, n, t, o + s)) ok = false;
+    }
+  });
+  TORCH_CHECK(ok.load(),
+              "dnateq: x contains non-finite values (NaN or Inf); "
+              "exp_quantize needs finite input");
+  return out;
+}
+
+at::Tensor exp_dequantize(const at::Tensor& codes_in, double alpha,
+                          double scale, double offset, int64_t bits,
+                          at::ScalarType dtype) {
+  check_codes(codes_in, "codes");
+  TORCH_CHECK(is_supported_float(dtype),
+              "dnateq: dtype must be float32, float16 or bfloat16, got ",
+              dtype);
+  ExpTables t;
+  make_checked_tables(t, alpha, scale, offset, bits, Rounding::kNearest,
+                      "scale", "offset");
+  // 256-entry table indexed by the code byte; invalid codes flagged.
+  float lut[256];
+  bool valid[256];
+  const int max_mag = num_levels(static_cast<int>(bits));
+  for (int c = 0; c < 256; ++c) {
+    const int mag = c & kMagMask;
+    valid[c] = mag <= max_mag;
+    const float lv = valid[c] ? t.levels[mag] : 0.f;
+    lut[c] = (c & kSignBit) ? -lv : lv;
+  }
+  const at::Tensor codes = codes_in.contiguous();
+  at::Tensor outf = at::empty(codes.sizes(), codes.options().dtype(at::kFloat));
+  const uint8_t* c = reinterpret_cast<const uint8_t*>(codes.const_data_ptr<int8_t>());
+  float* o = outf.data_ptr<float>();
+  std::atomic<bool> ok{true};
+  at::parallel_for(0, codes.numel(), 1 << 14, [&](int64_t b0, int64_t b1) {
+    bool good = true;
+    for (int64_t i = b0; i < b1; ++i) {
+      o[i] = lut[c[i]];
+      good &= valid[c[i]];
+    }
+    if (!good) ok = false;
+  });
+  TORCH_CHECK(ok.load(), "dnateq: codes has bits above bit ", bits - 1,
+              " set, which is not a valid code for bits=", bits);
+  return dtype == at::kFloat ? outf : outf.to(dtype);
+}
+
+}  // namespace cpu
+}  // namespace dnateq
