@@ -1,0 +1,21 @@
+"""dnateq: DNA-TEQ adaptive exponential quantization for PyTorch.
+
+Importing the package loads the compiled operators (``torch.ops.dnateq.*``)
+and registers their fake kernels so that ``torch.compile`` can trace them.
+"""
+import torch  # noqa: F401  (loads libtorch before the extension)
+
+from . import _C  # noqa: F401  registers the operators (TORCH_LIBRARY)
+from . import _meta  # noqa: F401  fake kernels for torch.compile / export
+from . import ops, reference
+from .ops import (exp_conv2d_count, exp_conv2d_lut, exp_dequantize, exp_error,
+                  exp_errors, exp_fit, exp_linear_count, exp_linear_lut, exp_pack,
+                  exp_quantize, exp_unpack, weight_terms)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ops", "reference", "exp_quantize", "exp_dequantize", "exp_pack",
+    "exp_unpack", "exp_linear_count", "exp_conv2d_count", "exp_linear_lut",
+    "exp_conv2d_lut", "exp_fit", "exp_error", "exp_errors", "weight_terms",
+]
