@@ -1,0 +1,155 @@
+"""exp_quantize / exp_dequantize against the oracle, bit for bit."""
+import pytest
+import torch
+
+import dnateq
+from dnateq import reference as ref
+
+from conftest import (ALL_BITS, FLOAT_DTYPES, ROUNDINGS, assert_bitwise_equal_float,
+                      assert_codes_equal, gen, make_data, noncontig, random_codes,
+                      random_params, seed_of)
+
+SHAPES = [(), (1,), (7,), (33,), (1000,), (3, 0), (0,), (4, 7, 5), (2, 3, 1, 33)]
+
+
+@pytest.mark.parametrize("bits", ALL_BITS)
+@pytest.mark.parametrize("rounding", ROUNDINGS)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
+def test_quantize_matches_oracle(bits, rounding, dtype, signed):
+    g = gen(seed_of("q", bits, rounding, str(dtype), signed))
+    for shape in SHAPES:
+        alpha, S, beta = random_params(bits, signed, g=g)
+        x = make_data(shape, g, "normal", signed, zero_frac=0.1, dtype=dtype) * 3
+        got = dnateq.exp_quantize(x, alpha, S, beta, bits, rounding)
+        exp = ref.exp_quantize(x, alpha, S, beta, bits, rounding)
+        assert got.dtype == torch.int8 and got.shape == x.shape
+        assert_codes_equal(got, exp, f"shape={shape}")
+        if not signed:
+            assert not bool((got < 0).any())
+
+
+@pytest.mark.parametrize("bits", ALL_BITS)
+@pytest.mark.parametrize("rounding", ROUNDINGS)
+def test_quantize_offset_jitter_and_distributions(bits, rounding):
+    """Any beta (also negative), heavy-tailed data, values far outside the levels."""
+    g = gen(seed_of("q-jitter", bits, rounding))
+    for dist in ["normal", "exponential", "student", "pareto", "uniform"]:
+        alpha, S, beta = random_params(bits, g=g, offset_jitter=True)
+        x = make_data((257,), g, dist, zero_frac=0.05) * float(10 ** (torch.rand((), generator=g) * 2 - 1))
+        got = dnateq.exp_quantize(x, alpha, S, beta, bits, rounding)
+        assert_codes_equal(got, ref.exp_quantize(x, alpha, S, beta, bits, rounding), dist)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 7])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_quantize_noncontiguous(bits, dtype):
+    g = gen(seed_of("q-nc", bits, str(dtype)))
+    alpha, S, beta = random_params(bits, g=g)
+    x = make_data((9, 33), g, dtype=dtype)
+    for kind in ["slice", "transpose"]:
+        xn = noncontig(x, kind)
+        got = dnateq.exp_quantize(xn, alpha, S, beta, bits, "nearest")
+        assert_codes_equal(got, dnateq.exp_quantize(x.contiguous(), alpha, S, beta, bits), kind)
+        assert_codes_equal(got, ref.exp_quantize(x, alpha, S, beta, bits), kind)
+    # expanded (stride 0) input
+    xe = x[:1].expand(5, 33)
+    assert_codes_equal(dnateq.exp_quantize(xe, alpha, S, beta, bits),
+                       ref.exp_quantize(xe.contiguous(), alpha, S, beta, bits), "expand")
+
+
+@pytest.mark.parametrize("rounding", ROUNDINGS)
+def test_quantize_large_tensor(rounding):
+    """Large enough for the CPU kernel's parallel path."""
+    g = gen(seed_of("q-large", rounding))
+    for bits in (3, 7):
+        alpha, S, beta = random_params(bits, g=g)
+        x = make_data((300, 701), g, "student", zero_frac=0.2)
+        assert_codes_equal(dnateq.exp_quantize(x, alpha, S, beta, bits, rounding),
+                           ref.exp_quantize(x, alpha, S, beta, bits, rounding), f"bits={bits}")
+
+
+def test_quantize_default_rounding_is_nearest():
+    x = torch.tensor([1.58])
+    assert dnateq.exp_quantize(x, 2.0, 0.5, 0.1, 3).item() == 5
+    assert dnateq.exp_quantize(x, 2.0, 0.5, 0.1, 3, "log").item() == 6
+
+
+def test_quantize_check_finite_false_on_finite_data():
+    g = gen(1)
+    x = make_data((100,), g)
+    a = dnateq.exp_quantize(x, 1.3, 0.1, 0.01, 5, "nearest", False)
+    b = dnateq.exp_quantize(x, 1.3, 0.1, 0.01, 5, "nearest", True)
+    assert_codes_equal(a, b)
+
+
+def test_quantize_does_not_modify_input():
+    g = gen(2)
+    x = make_data((50,), g)
+    x0 = x.clone()
+    dnateq.exp_quantize(x, 1.3, 0.1, 0.01, 5)
+    assert torch.equal(x, x0)
+
+
+@pytest.mark.parametrize("bits", ALL_BITS)
+@pytest.mark.parametrize("out_dtype", FLOAT_DTYPES + [None], ids=str)
+def test_dequantize_all_codes_matches_oracle(bits, out_dtype):
+    """Every valid code (both signs, incl. the signed zero code 0x80)."""
+    g = gen(seed_of("dq", bits, str(out_dtype)))
+    alpha, S, beta = random_params(bits, g=g, offset_jitter=True)
+    mags = torch.arange(0, 1 << bits, dtype=torch.int16)
+    codes = torch.cat([mags, mags | 0x80]).to(torch.uint8).view(torch.int8)
+    if out_dtype is None:
+        got = dnateq.exp_dequantize(codes, alpha, S, beta, bits)
+        exp = ref.exp_dequantize(codes, alpha, S, beta, bits)
+        assert got.dtype == torch.float32
+    else:
+        got = dnateq.exp_dequantize(codes, alpha, S, beta, bits, out_dtype)
+        exp = ref.exp_dequantize(codes, alpha, S, beta, bits, out_dtype)
+        assert got.dtype == out_dtype
+    assert_bitwise_equal_float(got, exp, f"bits={bits}")
+    assert got[0].item() == 0 and got[1 << bits].item() == 0
+    # sign symmetry
+    n = 1 << bits
+    assert torch.equal(got[n + 1:], -got[1:n])
+
+
+@pytest.mark.parametrize("bits", [2, 5, 7])
+def test_dequantize_shapes_and_noncontiguous(bits):
+    g = gen(seed_of("dq-shapes", bits))
+    alpha, S, beta = random_params(bits, g=g)
+    for shape in SHAPES:
+        c = random_codes(shape, bits, g)
+        got = dnateq.exp_dequantize(c, alpha, S, beta, bits)
+        assert got.shape == c.shape
+        assert_bitwise_equal_float(got, ref.exp_dequantize(c, alpha, S, beta, bits), str(shape))
+    c = random_codes((6, 17), bits, g)
+    for kind in ["slice", "transpose"]:
+        got = dnateq.exp_dequantize(noncontig(c, kind), alpha, S, beta, bits)
+        assert_bitwise_equal_float(got, ref.exp_dequantize(c, alpha, S, beta, bits), kind)
+
+
+@pytest.mark.parametrize("bits", ALL_BITS)
+@pytest.mark.parametrize("rounding", ROUNDINGS)
+def test_quantize_dequantize_roundtrip(bits, rounding):
+    """Every level quantizes back to its own code (alpha well above 1)."""
+    g = gen(seed_of("rt", bits, rounding))
+    alpha, S, beta = random_params(bits, g=g)
+    if alpha < 1.01:
+        pytest.skip("alpha too close to 1 for an exact round trip")
+    mags = torch.arange(1, 1 << bits, dtype=torch.int16)
+    codes = torch.cat([mags, mags | 0x80]).to(torch.uint8).view(torch.int8)
+    xh = dnateq.exp_dequantize(codes, alpha, S, beta, bits)
+    back = dnateq.exp_quantize(xh, alpha, S, beta, bits, rounding)
+    assert_codes_equal(back, codes)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_quantize_half_widened_to_float32(dtype):
+    """Half/bfloat16 inputs are widened to float32 before comparing: codes equal
+    those of the same values given as float32."""
+    g = gen(seed_of("widen", str(dtype)))
+    alpha, S, beta = random_params(5, g=g)
+    x = make_data((500,), g, dtype=dtype)
+    assert_codes_equal(dnateq.exp_quantize(x, alpha, S, beta, 5),
+                       dnateq.exp_quantize(x.float(), alpha, S, beta, 5))
