@@ -39,26 +39,53 @@ bool fake_quantize_block(const float* x, int64_t n, const ExpTables& t,
 at::Tensor fake_quantize_to_float(const at::Tensor& x, const ExpTables& t,
                                   const char* arg);
 
+// 32 fields of B bits fill exactly B words: decodes one such group with
+// compile-time shifts (fully unrolled). `words` holds B words plus one zero.
+template <int B, typename T>
+inline void decode_group(const uint32_t* words, const T* lut, T* out) {
+  constexpr uint64_t mask = (uint64_t{1} << B) - 1;
+#pragma GCC unroll 32
+  for (int i = 0; i < 32; ++i) {
+    const int bit = i * B, wi = bit >> 5, off = bit & 31;
+    const uint64_t v = words[wi] | (static_cast<uint64_t>(words[wi + 1]) << 32);
+    out[i] = lut[(v >> off) & mask];
+  }
+}
+
+template <int B, typename T>
+inline void decode_row_fixed(const uint8_t* row, int64_t K, const T* lut, T* out) {
+  uint32_t w[B + 1];
+  w[B] = 0;
+  const int64_t full = K / 32;
+  for (int64_t g = 0; g < full; ++g) {
+    std::memcpy(w, row + g * 4 * B, 4 * B);
+    decode_group<B>(w, lut, out + g * 32);
+  }
+  const int64_t rest = K - full * 32;
+  if (rest) {  // the row's last words hold fewer than 32 fields
+    T tail[32];
+    const int64_t bytes = 4 * ((rest * B + 31) / 32);
+    std::memset(w, 0, sizeof(w));
+    std::memcpy(w, row + full * 4 * B, bytes);
+    decode_group<B>(w, lut, tail);
+    std::memcpy(out + full * 32, tail, rest * sizeof(T));
+  }
+}
+
 // Reads packed row fields (b bits each, LSB-first little-endian) for
 // elements [0, K) and writes lut[field] for each.
 template <typename T>
 inline void decode_row(const uint8_t* row, int64_t K, int b, const T* lut,
                        T* out) {
-  const uint64_t mask = (uint64_t{1} << b) - 1;
-  uint64_t acc = 0;
-  int nbits = 0;
-  int64_t word = 0;
-  for (int64_t i = 0; i < K; ++i) {
-    if (nbits < b) {
-      uint32_t w;
-      std::memcpy(&w, row + 4 * word, 4);
-      ++word;
-      acc |= static_cast<uint64_t>(w) << nbits;
-      nbits += 32;
-    }
-    out[i] = lut[acc & mask];
-    acc >>= b;
-    nbits -= b;
+  switch (b) {
+    case 2: return decode_row_fixed<2>(row, K, lut, out);
+    case 3: return decode_row_fixed<3>(row, K, lut, out);
+    case 4: return decode_row_fixed<4>(row, K, lut, out);
+    case 5: return decode_row_fixed<5>(row, K, lut, out);
+    case 6: return decode_row_fixed<6>(row, K, lut, out);
+    case 7: return decode_row_fixed<7>(row, K, lut, out);
+    case 8: return decode_row_fixed<8>(row, K, lut, out);
+    default: TORCH_CHECK(false, "dnateq: packed field width ", b, " out of range");
   }
 }
 
