@@ -1,0 +1,244 @@
+// The fast ("lut") path on CUDA (SPEC section 4): quantize-dequantize the
+// float activations through the layer's thresholds and levels, dequantize the
+// packed weights through a field -> level table, and call the native matmul /
+// convolution (cuBLAS / cuDNN) in x.dtype (fp32, fp16 or bf16).
+//
+// For a few rows (M <= 8, the memory-bound decoding case) exp_linear_lut uses
+// a fused dequantize-GEMV kernel that reads the packed weights directly:
+// one warp per output row n, 8 warps per block. 32 fields of b bits fill
+// exactly b 32-bit words, so lane l takes 32-element chunks c = l, l + 32, ...
+// of the row, loads the chunk's b words (the warp reads 32*b consecutive
+// words per step: coalesced), decodes the 32 fields in registers (b is a
+// template parameter, every shift is a constant) through a shared-memory
+// table, and accumulates against the fake-quantized activations (float32,
+// rows zero-padded to a multiple of 32 so that chunks never need a bound
+// check) for all M rows at once, in float32. A warp shuffle reduction ends
+// each row.
+#include <vector>
+
+#include "cuda_common.cuh"
+#include "cuda_ops.h"
+
+namespace dnateq {
+namespace cuda {
+namespace detail {
+namespace {
+
+constexpr int kGemvWarps = 8;
+constexpr int kGemvThreads = kGemvWarps * 32;
+constexpr int64_t kGemvMaxRows = 8;
+
+template <int FB, typename Tout>
+__global__ void __launch_bounds__(kGemvThreads)
+    gemv_kernel(const float* __restrict__ xq, int M, int64_t Kp,
+                const uint32_t* __restrict__ wp, int64_t words_per_row,
+                int64_t N, Lut256 lut, const float* __restrict__ bias,
+                Tout* __restrict__ out) {
+  constexpr uint32_t kMask = (1u << FB) - 1u;
+  __shared__ float s_lut[1 << FB];
+  for (int i = threadIdx.x; i < (1 << FB); i += blockDim.x) s_lut[i] = lut.v[i];
+  __syncthreads();
+  const int warp = threadIdx.x >> 5;
+  const int lane = threadIdx.x & 31;
+  const int64_t nchunks = Kp / 32;
+  for (int64_t n = static_cast<int64_t>(blockIdx.x) * kGemvWarps + warp; n < N;
+       n += static_cast<int64_t>(gridDim.x) * kGemvWarps) {  // warp-uniform
+    float acc[kGemvMaxRows];
+#pragma unroll
+    for (int m = 0; m < kGemvMaxRows; ++m) acc[m] = 0.f;
+    const uint32_t* row = wp + n * words_per_row;
+    for (int64_t c = lane; c < nchunks; c += 32) {
+      uint32_t wd[FB];
+#pragma unroll
+      for (int i = 0; i < FB; ++i) {
+        const int64_t wi = c * FB + i;
+        wd[i] = wi < words_per_row ? __ldg(row + wi) : 0u;  // past the row: 0
+      }
+      const float* xc = xq + c * 32;
+#pragma unroll
+      for (int j = 0; j < 32; j += 4) {
+        float wv[4];
+#pragma unroll
+        for (int jj = 0; jj < 4; ++jj) {
+          const int bit = (j + jj) * FB;
+          const int idx = bit >> 5, sh = bit & 31;
+          uint32_t f = wd[idx] >> sh;
+          if (sh + FB > 32) f |= wd[idx + 1] << (32 - sh);
+          wv[jj] = s_lut[f & kMask];
+        }
+#pragma unroll
+        for (int m = 0; m < kGemvMaxRows; ++m) {
+          if (m < M) {
+            const float4 xv = __ldg(reinterpret_cast<const float4*>(xc + m * Kp + j));
+            float s = acc[m];
+            s = fmaf(wv[0], xv.x, s);
+            s = fmaf(wv[1], xv.y, s);
+            s = fmaf(wv[2], xv.z, s);
+            s = fmaf(wv[3], xv.w, s);
+            acc[m] = s;
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int m = 0; m < kGemvMaxRows; ++m) {
+      if (m < M) {
+        float s = acc[m];
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+        if (lane == 0) {
+          if (bias != nullptr) s += bias[n];
+          out[m * N + n] = from_f32<Tout>(s);
+        }
+      }
+    }
+  }
+}
+
+template <int FB, typename Tout>
+void launch_gemv_fb(const at::Tensor& xq, int M, const at::Tensor& packed,
+                    int64_t N, const Lut256& lut, const float* bias,
+                    at::Tensor& out) {
+  const int64_t Kp = xq.size(1);
+  const int64_t words = packed.size(1) / 4;
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t grid = std::max<int64_t>(
+      1, std::min<int64_t>((N + kGemvWarps - 1) / kGemvWarps,
+                           static_cast<int64_t>(sms) * 8));
+  gemv_kernel<FB, Tout><<<grid, kGemvThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      xq.const_data_ptr<float>(), M, Kp,
+      reinterpret_cast<const uint32_t*>(packed.const_data_ptr<uint8_t>()), words,
+      N, lut, bias, out.data_ptr<Tout>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename Tout>
+void launch_gemv(int fb, const at::Tensor& xq, int M, const at::Tensor& packed,
+                 int64_t N, const Lut256& lut, const float* bias,
+                 at::Tensor& out) {
+  switch (fb) {
+    case 2: return launch_gemv_fb<2, Tout>(xq, M, packed, N, lut, bias, out);
+    case 3: return launch_gemv_fb<3, Tout>(xq, M, packed, N, lut, bias, out);
+    case 4: return launch_gemv_fb<4, Tout>(xq, M, packed, N, lut, bias, out);
+    case 5: return launch_gemv_fb<5, Tout>(xq, M, packed, N, lut, bias, out);
+    case 6: return launch_gemv_fb<6, Tout>(xq, M, packed, N, lut, bias, out);
+    case 7: return launch_gemv_fb<7, Tout>(xq, M, packed, N, lut, bias, out);
+    case 8: return launch_gemv_fb<8, Tout>(xq, M, packed, N, lut, bias, out);
+    default: TORCH_CHECK(false, "dnateq: internal error: packed field bits ", fb);
+  }
+}
+
+struct LutArgs {
+  ExpTables ta, tw;
+  at::Tensor bias;  // float32 or undefined
+};
+
+// The CPU's check_lut_args (csrc/cpu/lut.cpp): same checks, same order.
+LutArgs check_lut_args(const at::Tensor& x, const at::Tensor& w_packed,
+                       int64_t rows, int64_t K, double alpha, double sa,
+                       double ba, double sw, double bw, int64_t bits,
+                       bool w_signed, c10::string_view rounding,
+                       const c10::optional<at::Tensor>& bias, int64_t n_out) {
+  check_float_input(x, "x");
+  check_same_device(x, "x", w_packed, "w_packed");
+  LutArgs A;
+  const Rounding r = parse_rounding(rounding);
+  make_checked_tables(A.ta, alpha, sa, ba, bits, r, "sa", "ba");
+  make_checked_tables(A.tw, alpha, sw, bw, bits, r, "sw", "bw");
+  check_packed(w_packed, rows, K, bits, w_signed, "w_packed");
+  if (bias.has_value() && bias->defined()) {
+    check_same_device(*bias, "bias", x, "x");
+    TORCH_CHECK(is_supported_float(bias->scalar_type()),
+                "dnateq: bias must be float32, float16 or bfloat16, got ",
+                bias->scalar_type());
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n_out,
+                "dnateq: bias must have shape [", n_out, "], got ", bias->sizes());
+    A.bias = bias->to(at::kFloat).contiguous();
+  }
+  return A;
+}
+
+void check_w_shape(at::IntArrayRef w_shape, int64_t dims, const char* what) {
+  TORCH_CHECK(static_cast<int64_t>(w_shape.size()) == dims, "dnateq: w_shape must have ",
+              dims, " elements ", what, ", got ", w_shape);
+  for (int64_t s : w_shape) {
+    TORCH_CHECK(s >= 0, "dnateq: w_shape must be non-negative, got ", w_shape);
+  }
+}
+
+c10::optional<at::Tensor> bias_as(const at::Tensor& b, at::ScalarType t) {
+  if (!b.defined()) return c10::nullopt;
+  return b.to(t);
+}
+
+}  // namespace
+}  // namespace detail
+
+at::Tensor exp_linear_lut(const at::Tensor& x, const at::Tensor& w_packed,
+                          at::IntArrayRef w_shape, double alpha, double sa,
+                          double ba, double sw, double bw, int64_t bits,
+                          bool /*a_signed: the float path handles any sign*/,
+                          bool w_signed, c10::string_view rounding,
+                          const c10::optional<at::Tensor>& bias) {
+  detail::check_w_shape(w_shape, 2, "[N, K] for a linear weight");
+  const int64_t N = w_shape[0], K = w_shape[1];
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, "dnateq: x last dimension (",
+              x.dim() ? x.size(-1) : 0, ") must equal w_shape[1] (", K, ")");
+  const detail::LutArgs A = detail::check_lut_args(
+      x, w_packed, N, K, alpha, sa, ba, sw, bw, bits, w_signed, rounding, bias, N);
+  const c10::cuda::CUDAGuard guard(x.device());
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = N;
+  int64_t M = 1;
+  for (int64_t d = 0; d + 1 < x.dim(); ++d) M *= x.size(d);
+
+  if (M >= 1 && M <= detail::kGemvMaxRows && K > 0 && N > 0) {
+    const int64_t Kp = (K + 31) / 32 * 32;
+    const at::Tensor xq = detail::fake_quantize_padded_f32(x, A.ta, M, K, Kp);
+    const at::Tensor packed = detail::aligned_packed(w_packed);
+    const detail::Lut256 lut = detail::field_lut(A.tw, w_signed);
+    const int fb = packed_field_bits(static_cast<int>(bits), w_signed);
+    const float* bp = A.bias.defined() ? A.bias.const_data_ptr<float>() : nullptr;
+    at::Tensor out = at::empty({M, N}, x.options());
+    DNATEQ_DISPATCH_FLOAT(x.scalar_type(), T, [&] {
+      detail::launch_gemv<T>(fb, xq, static_cast<int>(M), packed, N, lut, bp, out);
+    });
+    return out.reshape(out_shape);
+  }
+
+  const at::ScalarType dt = x.scalar_type();
+  const at::Tensor xq = detail::fake_quantize(x, A.ta, dt);
+  const at::Tensor wq = detail::decode_packed(w_packed, N, K, A.tw, w_signed, dt);
+  const auto b = detail::bias_as(A.bias, dt);
+  at::Tensor y = b.has_value() ? at::linear(xq, wq, *b) : at::linear(xq, wq);
+  return y.reshape(out_shape);
+}
+
+at::Tensor exp_conv2d_lut(const at::Tensor& x, const at::Tensor& w_packed,
+                          at::IntArrayRef w_shape, double alpha, double sa,
+                          double ba, double sw, double bw, int64_t bits,
+                          bool /*a_signed*/, bool w_signed,
+                          c10::string_view rounding,
+                          const c10::optional<at::Tensor>& bias,
+                          at::IntArrayRef stride, at::IntArrayRef padding,
+                          at::IntArrayRef dilation, int64_t groups) {
+  detail::check_w_shape(w_shape, 4, "[O, C/groups, kh, kw] for a conv weight");
+  TORCH_CHECK(x.dim() == 4, "dnateq: x must be 4-D [N, C, H, W], got shape ", x.sizes());
+  TORCH_CHECK(groups > 0, "dnateq: groups must be positive, got ", groups);
+  TORCH_CHECK(x.size(1) == w_shape[1] * groups, "dnateq: x has ", x.size(1),
+              " channels but w_shape ", w_shape, " with groups=", groups, " expects ",
+              w_shape[1] * groups);
+  const int64_t O = w_shape[0], K = w_shape[1] * w_shape[2] * w_shape[3];
+  const detail::LutArgs A = detail::check_lut_args(
+      x, w_packed, O, K, alpha, sa, ba, sw, bw, bits, w_signed, rounding, bias, O);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::ScalarType dt = x.scalar_type();
+  const at::Tensor xq = detail::fake_quantize(x, A.ta, dt);  // keeps channels-last
+  const at::Tensor wq =
+      detail::decode_packed(w_packed, O, K, A.tw, w_signed, dt).reshape(w_shape);
+  return at::conv2d(xq, wq, detail::bias_as(A.bias, dt), stride, padding, dilation,
+                    groups);
+}
+
+}  // namespace cuda
+}  // namespace dnateq
