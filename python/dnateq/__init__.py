@@ -11,6 +11,9 @@ from . import ops, reference
 from .ops import (exp_conv2d_count, exp_conv2d_lut, exp_dequantize, exp_error,
                   exp_errors, exp_fit, exp_linear_count, exp_linear_lut, exp_pack,
                   exp_quantize, exp_unpack, weight_terms)
+from . import nn  # noqa: E402  quantized modules (dnateq.nn.ExpLinear, ...)
+from .calibrate import quantize  # noqa: E402
+from .report import Report, report  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -18,4 +21,5 @@ __all__ = [
     "ops", "reference", "exp_quantize", "exp_dequantize", "exp_pack",
     "exp_unpack", "exp_linear_count", "exp_conv2d_count", "exp_linear_lut",
     "exp_conv2d_lut", "exp_fit", "exp_error", "exp_errors", "weight_terms",
+    "nn", "quantize", "report", "Report",
 ]
