@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The README's main command: sets up (scripts/setup.sh), then runs the demo.
-# Until model calibration lands this is the operator tour and a quick CPU
-# operator benchmark (python -m dnateq demo).
+# The README's main command: sets up (scripts/setup.sh), then runs the demo
+# (python -m dnateq demo): a CNN trained on scikit-learn's bundled digits is
+# quantized with dnateq.quantize and the report printed.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"

@@ -1,8 +1,10 @@
-"""Command line: ``python -m dnateq demo``.
+"""Command line.
 
-Until model calibration lands (``dnateq.quantize``), the demo is a tour of
-the operators: the number format on SPEC's worked example, fits at every
-bit-width, and one layer run three ways (count, lut, fake) that must agree.
+``python -m dnateq demo``: quantizes a real model on real data that ship
+with the install (a CNN on scikit-learn's digits, see :mod:`dnateq.demo`)
+and prints the report. ``python -m dnateq ops``: a tour of the operators (the
+number format on SPEC's worked example, fits at every bit-width, one layer
+run three ways that must agree).
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ def _table(rows, header):
     print()
 
 
-def demo(args) -> int:
+def ops_tour(args) -> int:
     torch.manual_seed(args.seed)
     print(f"dnateq {dnateq.__version__} on torch {torch.__version__}\n")
 
@@ -89,22 +91,33 @@ def demo(args) -> int:
     agree = all(torch.allclose(results[m], results["fake"], rtol=1e-4, atol=1e-4 *
                                float(results["fake"].abs().max())) for m in ("count", "lut"))
     print("count, lut and fake agree (rtol 1e-4):", "yes" if agree else "NO")
-    print("\nModel calibration (dnateq.quantize) and its report are the next milestone;")
-    print("operator speed: python benchmarks/bench_cpu_ops.py")
+    print("\noperator speed: python benchmarks/bench_cpu_ops.py")
     return 0 if agree else 1
+
+
+def _demo(args) -> int:
+    from . import demo
+
+    demo.run(seed=args.seed, max_loss=args.max_loss, progress=not args.no_progress)
+    return 0
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m dnateq", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    d = sub.add_parser("demo", help="tour of the operators on an embedded default")
+    dm = sub.add_parser("demo", help="quantize a CNN on the bundled digits and print the report")
+    dm.add_argument("--seed", type=int, default=0)
+    dm.add_argument("--max-loss", type=float, default=1.0)
+    dm.add_argument("--no-progress", action="store_true")
+    dm.set_defaults(func=lambda a: _demo(a))
+    d = sub.add_parser("ops", help="tour of the operators")
     d.add_argument("--bits", type=int, default=4)
     d.add_argument("--batch", type=int, default=64)
     d.add_argument("--k", type=int, default=512)
     d.add_argument("--n", type=int, default=256)
     d.add_argument("--seed", type=int, default=0)
-    d.set_defaults(func=demo)
+    d.set_defaults(func=ops_tour)
     args = ap.parse_args(argv)
     return args.func(args)
 

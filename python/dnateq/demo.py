@@ -1,0 +1,126 @@
+"""The embedded default of ``python -m dnateq demo``: a real model on real
+data that ship with the install, offline.
+
+A small CNN is trained at first run on scikit-learn's bundled handwritten
+digits (1797 real 8x8 images; about 10 s on 2 cores) and cached under
+``~/.cache/dnateq`` (``$DNATEQ_CACHE`` overrides); ``dnateq.quantize``
+calibrates it on the training split with test accuracy as ``eval_fn``, and
+the report prints float vs DNA-TEQ accuracy, average bits and compression.
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import dnateq
+
+
+def cache_dir() -> str:
+    d = os.environ.get("DNATEQ_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
+                                                       "dnateq")
+    os.makedirs(d, exist_ok=True)
+    return d
+
+
+def digits_data(seed: int = 0) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """scikit-learn's digits as float [N, 1, 8, 8] in [0, 1]; a fixed 75/25 split."""
+    try:
+        from sklearn.datasets import load_digits  # bundled with scikit-learn, no download
+    except ImportError as e:
+        raise ImportError("dnateq demo: the digits data come with scikit-learn; "
+                          "pip install scikit-learn (or dnateq[eval])") from e
+
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(d.target, dtype=torch.int64)
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(len(y), generator=g)
+    n_train = int(0.75 * len(y))
+    tr, te = perm[:n_train], perm[n_train:]
+    return x[tr], y[tr], x[te], y[te]
+
+
+class DigitsCNN(nn.Module):
+    """conv(1->16)-ReLU-conv(16->32, stride 2)-ReLU-conv(32->32)-ReLU-FC(512->64)-ReLU-FC(64->10)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 16, 3, padding=1)
+        self.conv2 = nn.Conv2d(16, 32, 3, stride=2, padding=1)
+        self.conv3 = nn.Conv2d(32, 32, 3, padding=1)
+        self.fc1 = nn.Linear(32 * 4 * 4, 64)
+        self.fc2 = nn.Linear(64, 10)
+
+    def forward(self, x):
+        x = F.relu(self.conv1(x))
+        x = F.relu(self.conv2(x))
+        x = F.relu(self.conv3(x))
+        x = F.relu(self.fc1(x.flatten(1)))
+        return self.fc2(x)
+
+
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    model.eval()
+    with torch.no_grad():
+        return 100.0 * float((model(x).argmax(1) == y).float().mean())
+
+
+def trained_model(x: torch.Tensor, y: torch.Tensor, seed: int = 0, verbose: bool = True) -> nn.Module:
+    path = os.path.join(cache_dir(), f"digits_cnn_seed{seed}.pt")
+    model = DigitsCNN()
+    if os.path.exists(path):
+        try:
+            model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            return model.eval()
+        except Exception:  # a stale or corrupt cache: retrain
+            pass
+    torch.manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    t0 = time.perf_counter()
+    for epoch in range(30):
+        model.train()
+        perm = torch.randperm(len(y))
+        for i in range(0, len(y), 64):
+            idx = perm[i:i + 64]
+            opt.zero_grad()
+            F.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+    if verbose:
+        print(f"trained the digits CNN in {time.perf_counter() - t0:.1f} s "
+              f"(cached at {path})")
+    torch.save(model.state_dict(), path)
+    return model.eval()
+
+
+def run(seed: int = 0, max_loss: float = 1.0, progress: bool = True) -> dict:
+    """Trains (or loads) the CNN, quantizes it, prints the comparison; returns the figures."""
+    x_tr, y_tr, x_te, y_te = digits_data(seed)
+    model = trained_model(x_tr, y_tr, seed)
+    acc_float = accuracy(model, x_te, y_te)
+    loader = [(x_tr[i:i + 128], y_tr[i:i + 128]) for i in range(0, len(y_tr), 128)]
+    t0 = time.perf_counter()
+    qmodel = dnateq.quantize(model, loader, eval_fn=lambda m: accuracy(m, x_te, y_te),
+                             max_loss=max_loss, progress=progress, seed=seed)
+    dt = time.perf_counter() - t0
+    acc_q = accuracy(qmodel, x_te, y_te)
+    rep = dnateq.report(qmodel)
+    tot = rep.to_dict()["totals"]
+    print()
+    print(rep.to_markdown())
+    print()
+    print(f"digits test set ({len(y_te)} real images), calibrated on {len(y_tr)} "
+          f"training images in {dt:.1f} s")
+    print(f"  float32 accuracy      {acc_float:6.2f} %")
+    print(f"  DNA-TEQ accuracy      {acc_q:6.2f} %   (loss {acc_float - acc_q:+.2f} points, "
+          f"allowed {max_loss})")
+    print(f"  average bits          {tot['avg_bits']:.3f} (paper: exponent bits n)")
+    print(f"  storage bits          {tot['storage_bits']:.3f} (with the sign bit)")
+    comp = tot["compression_vs_int8"]
+    print(f"  compression vs INT8   {100 * comp['paper']:.1f} % (paper), "
+          f"{100 * comp['storage']:.1f} % (storage)")
+    return dict(acc_float=acc_float, acc_dnateq=acc_q, totals=tot)

@@ -1,0 +1,21 @@
+"""The README's main command: the digits demo quantizes a real model within
+its loss budget, and the trained model is cached."""
+import os
+
+from dnateq import demo
+
+
+def test_demo_quantizes_digits_cnn(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DNATEQ_CACHE", str(tmp_path))
+    out = demo.run(seed=0, max_loss=1.0, progress=False)
+    assert out["acc_float"] > 90.0  # a real model, really trained
+    assert out["acc_float"] - out["acc_dnateq"] <= 1.0
+    assert 3.0 <= out["totals"]["avg_bits"] < 7.0
+    assert out["totals"]["storage_bits"] > out["totals"]["avg_bits"]
+    assert os.path.exists(tmp_path / "digits_cnn_seed0.pt")
+    printed = capsys.readouterr().out
+    assert "DNA-TEQ accuracy" in printed and "| conv1 |" in printed
+    # second run loads the cached weights: same float accuracy, no training line
+    again = demo.run(seed=0, max_loss=1.0, progress=False)
+    assert again["acc_float"] == out["acc_float"]
+    assert "trained the digits CNN" not in capsys.readouterr().out
