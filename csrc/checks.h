@@ -122,4 +122,113 @@ inline void make_checked_tables(ExpTables& t, double alpha, double scale,
   }
 }
 
+// Rows and row length of a tensor's packed layout (SPEC section 1): a 0-d
+// tensor is one row of one element, a 1-D tensor one row, otherwise d0 rows
+// of d1*d2*... elements.
+inline std::pair<int64_t, int64_t> packed_dims(at::IntArrayRef shape) {
+  if (shape.empty()) return {1, 1};
+  if (shape.size() == 1) return {1, shape[0]};
+  int64_t K = 1;
+  for (size_t i = 1; i < shape.size(); ++i) K *= shape[i];
+  return {shape[0], K};
+}
+
+// Validates a packed tensor against (rows, K, bits, signed).
+inline void check_packed(const at::Tensor& packed, int64_t rows, int64_t K,
+                         int64_t bits, bool is_signed, const char* name) {
+  TORCH_CHECK(packed.scalar_type() == at::kByte, "dnateq: ", name,
+              " must be uint8 (from exp_pack), got ", packed.scalar_type());
+  const int64_t rb = packed_row_bytes(K, static_cast<int>(bits), is_signed);
+  TORCH_CHECK(packed.dim() == 2 && packed.size(0) == rows &&
+                  packed.size(1) == rb,
+              "dnateq: ", name, " must have shape [", rows, ", ", rb,
+              "] for ", rows, " rows of ", K, " elements at bits=", bits,
+              (is_signed ? " signed" : " unsigned"), ", got ", packed.sizes());
+}
+
+inline void check_w_shape(at::IntArrayRef w_shape, int64_t dims, const char* what) {
+  TORCH_CHECK(static_cast<int64_t>(w_shape.size()) == dims, "dnateq: w_shape must have ",
+              dims, " elements ", what, ", got ", w_shape);
+  for (int64_t s : w_shape) {
+    TORCH_CHECK(s >= 0, "dnateq: w_shape must be non-negative, got ", w_shape);
+  }
+}
+
+// Optional float bias of n_out outputs, on `ref`'s device: returned as a
+// contiguous float32 tensor (undefined when absent).
+inline at::Tensor checked_bias(const c10::optional<at::Tensor>& bias, int64_t n_out,
+                               const at::Tensor& ref, const char* ref_name) {
+  if (!bias.has_value() || !bias->defined()) return at::Tensor();
+  check_same_device(*bias, "bias", ref, ref_name);
+  TORCH_CHECK(is_supported_float(bias->scalar_type()),
+              "dnateq: bias must be float32, float16 or bfloat16, got ",
+              bias->scalar_type());
+  TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n_out,
+              "dnateq: bias must have shape [", n_out, "], got ", bias->sizes());
+  return bias->to(at::kFloat).contiguous();
+}
+
+// Validation common to the count ops of every backend; returns the float32
+// bias (or undefined).
+inline at::Tensor check_count_args(const at::Tensor& a, const at::Tensor& w,
+                                   double alpha, double sa, double ba, double sw,
+                                   double bw, int64_t bits,
+                                   const c10::optional<at::Tensor>& bias,
+                                   c10::optional<int64_t> counter_bits,
+                                   const c10::optional<at::Tensor>& w_terms,
+                                   int64_t n_out) {
+  check_codes(a, "a_codes");
+  check_codes(w, "w_codes");
+  check_same_device(a, "a_codes", w, "w_codes");
+  check_bits(bits);
+  check_alpha(alpha);
+  check_scale(sa, "sa");
+  check_scale(sw, "sw");
+  check_offset(ba, "ba");
+  check_offset(bw, "bw");
+  check_counter_bits(counter_bits);
+  const int E = exp_range(static_cast<int>(bits));
+  TORCH_CHECK(std::isfinite(std::pow(alpha, 2 * E)),
+              "dnateq: alpha=", alpha, " overflows alpha^(2E) at bits=", bits);
+  at::Tensor b = checked_bias(bias, n_out, w, "w_codes");
+  if (b.defined()) {
+    TORCH_CHECK(at::isfinite(b).all().item<bool>(),
+                "dnateq: bias contains non-finite values (NaN or Inf)");
+  }
+  if (w_terms.has_value() && w_terms->defined()) {
+    check_same_device(*w_terms, "w_terms", w, "w_codes");
+    TORCH_CHECK(w_terms->scalar_type() == at::kInt,
+                "dnateq: w_terms must be int32 (from dnateq.weight_terms), got ",
+                w_terms->scalar_type());
+    TORCH_CHECK(w_terms->dim() == 2 && w_terms->size(0) == n_out &&
+                    w_terms->size(1) == (int64_t{1} << bits),
+                "dnateq: w_terms must have shape [", n_out, ", ", (1 << bits),
+                "], got ", w_terms->sizes());
+  }
+  return b;
+}
+
+// Validated arguments of the LUT ops of every backend: both tensors' tables
+// and the float32 bias.
+struct LutArgs {
+  ExpTables ta, tw;
+  at::Tensor bias;  // float32 or undefined
+};
+
+inline LutArgs check_lut_args(const at::Tensor& x, const at::Tensor& w_packed,
+                              int64_t rows, int64_t K, double alpha, double sa,
+                              double ba, double sw, double bw, int64_t bits,
+                              bool w_signed, c10::string_view rounding,
+                              const c10::optional<at::Tensor>& bias, int64_t n_out) {
+  check_float_input(x, "x");
+  check_same_device(x, "x", w_packed, "w_packed");
+  LutArgs A;
+  const Rounding r = parse_rounding(rounding);
+  make_checked_tables(A.ta, alpha, sa, ba, bits, r, "sa", "ba");
+  make_checked_tables(A.tw, alpha, sw, bw, bits, r, "sw", "bw");
+  check_packed(w_packed, rows, K, bits, w_signed, "w_packed");
+  A.bias = checked_bias(bias, n_out, x, "x");
+  return A;
+}
+
 }  // namespace dnateq

@@ -267,53 +267,6 @@ PostArgs make_post(double alpha, double sa, double ba, double sw, double bw,
   return P;
 }
 
-// Validation common to both count ops (the same checks and messages as the
-// CPU's check_count_args); returns the float32 bias (or undefined).
-at::Tensor check_count_args(const at::Tensor& a, const at::Tensor& w,
-                            double alpha, double sa, double ba, double sw,
-                            double bw, int64_t bits,
-                            const c10::optional<at::Tensor>& bias,
-                            c10::optional<int64_t> counter_bits,
-                            const c10::optional<at::Tensor>& w_terms,
-                            int64_t n_out) {
-  check_codes(a, "a_codes");
-  check_codes(w, "w_codes");
-  check_same_device(a, "a_codes", w, "w_codes");
-  check_bits(bits);
-  check_alpha(alpha);
-  check_scale(sa, "sa");
-  check_scale(sw, "sw");
-  check_offset(ba, "ba");
-  check_offset(bw, "bw");
-  check_counter_bits(counter_bits);
-  const int E = exp_range(static_cast<int>(bits));
-  TORCH_CHECK(std::isfinite(std::pow(alpha, 2 * E)),
-              "dnateq: alpha=", alpha, " overflows alpha^(2E) at bits=", bits);
-  at::Tensor b;
-  if (bias.has_value() && bias->defined()) {
-    check_same_device(*bias, "bias", w, "w_codes");
-    TORCH_CHECK(is_supported_float(bias->scalar_type()),
-                "dnateq: bias must be float32, float16 or bfloat16, got ",
-                bias->scalar_type());
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n_out,
-                "dnateq: bias must have shape [", n_out, "], got ", bias->sizes());
-    b = bias->to(at::kFloat).contiguous();
-    TORCH_CHECK(at::isfinite(b).all().item<bool>(),
-                "dnateq: bias contains non-finite values (NaN or Inf)");
-  }
-  if (w_terms.has_value() && w_terms->defined()) {
-    check_same_device(*w_terms, "w_terms", w, "w_codes");
-    TORCH_CHECK(w_terms->scalar_type() == at::kInt,
-                "dnateq: w_terms must be int32 (from dnateq.weight_terms), got ",
-                w_terms->scalar_type());
-    TORCH_CHECK(w_terms->dim() == 2 && w_terms->size(0) == n_out &&
-                    w_terms->size(1) == (int64_t{1} << bits),
-                "dnateq: w_terms must have shape [", n_out, ", ", (1 << bits),
-                "], got ", w_terms->sizes());
-  }
-  return b;
-}
-
 // Range check of both code tensors with one host synchronization; a_codes
 // is reported first, as on the CPU.
 void check_code_ranges(const at::Tensor& a, const at::Tensor& w, int64_t bits) {
@@ -387,7 +340,7 @@ at::Tensor exp_linear_count(const at::Tensor& a_in, const at::Tensor& w_in,
   const int64_t N = w_in.size(0), K = w_in.size(1);
   TORCH_CHECK(a_in.size(-1) == K, "dnateq: a_codes last dimension (", a_in.size(-1),
               ") must equal w_codes.shape[1] (", K, ")");
-  const at::Tensor b = detail::check_count_args(a_in, w_in, alpha, sa, ba, sw, bw,
+  const at::Tensor b = check_count_args(a_in, w_in, alpha, sa, ba, sw, bw,
                                                 bits, bias, counter_bits,
                                                 w_terms_in, N);
   const c10::cuda::CUDAGuard guard(a_in.device());
@@ -440,7 +393,7 @@ at::Tensor exp_conv2d_count(const at::Tensor& a_in, const at::Tensor& w_in,
   const int64_t Wo = (Wd + 2 * padding[1] - dilation[1] * (kw - 1) - 1) / stride[1] + 1;
   TORCH_CHECK(Ho > 0 && Wo > 0, "dnateq: a_codes spatial size (", H, ", ", Wd,
               ") is too small for kernel (", kh, ", ", kw, ") with this padding/dilation");
-  const at::Tensor b = detail::check_count_args(a_in, w_in, alpha, sa, ba, sw, bw,
+  const at::Tensor b = check_count_args(a_in, w_in, alpha, sa, ba, sw, bw,
                                                 bits, bias, counter_bits,
                                                 w_terms_in, O);
   const c10::cuda::CUDAGuard guard(a_in.device());

@@ -165,31 +165,6 @@ __device__ __forceinline__ void elementwise(const Tin* __restrict__ in,
 // ---------------------------------------------------------------------------
 // Host functions shared between the .cu files.
 
-// Rows and row length of a tensor's packed layout (SPEC section 1): a 0-d
-// tensor is one row of one element, a 1-D tensor one row, otherwise d0 rows
-// of d1*d2*... elements.
-inline std::pair<int64_t, int64_t> packed_dims(at::IntArrayRef shape) {
-  if (shape.empty()) return {1, 1};
-  if (shape.size() == 1) return {1, shape[0]};
-  int64_t K = 1;
-  for (size_t i = 1; i < shape.size(); ++i) K *= shape[i];
-  return {shape[0], K};
-}
-
-// Validates a packed tensor against (rows, K, bits, signed); the same
-// messages as dnateq::cpu::detail::check_packed.
-inline void check_packed(const at::Tensor& packed, int64_t rows, int64_t K,
-                         int64_t bits, bool is_signed, const char* name) {
-  TORCH_CHECK(packed.scalar_type() == at::kByte, "dnateq: ", name,
-              " must be uint8 (from exp_pack), got ", packed.scalar_type());
-  const int64_t rb = packed_row_bytes(K, static_cast<int>(bits), is_signed);
-  TORCH_CHECK(packed.dim() == 2 && packed.size(0) == rows &&
-                  packed.size(1) == rb,
-              "dnateq: ", name, " must have shape [", rows, ", ", rb,
-              "] for ", rows, " rows of ", K, " elements at bits=", bits,
-              (is_signed ? " signed" : " unsigned"), ", got ", packed.sizes());
-}
-
 // Contiguous packed rows whose base is 4-byte aligned (the kernels read
 // 32-bit words); copies only when the input is a misaligned view.
 at::Tensor aligned_packed(const at::Tensor& packed);

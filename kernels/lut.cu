@@ -128,44 +128,6 @@ void launch_gemv(int fb, const at::Tensor& xq, int M, const at::Tensor& packed,
   }
 }
 
-struct LutArgs {
-  ExpTables ta, tw;
-  at::Tensor bias;  // float32 or undefined
-};
-
-// The CPU's check_lut_args (csrc/cpu/lut.cpp): same checks, same order.
-LutArgs check_lut_args(const at::Tensor& x, const at::Tensor& w_packed,
-                       int64_t rows, int64_t K, double alpha, double sa,
-                       double ba, double sw, double bw, int64_t bits,
-                       bool w_signed, c10::string_view rounding,
-                       const c10::optional<at::Tensor>& bias, int64_t n_out) {
-  check_float_input(x, "x");
-  check_same_device(x, "x", w_packed, "w_packed");
-  LutArgs A;
-  const Rounding r = parse_rounding(rounding);
-  make_checked_tables(A.ta, alpha, sa, ba, bits, r, "sa", "ba");
-  make_checked_tables(A.tw, alpha, sw, bw, bits, r, "sw", "bw");
-  check_packed(w_packed, rows, K, bits, w_signed, "w_packed");
-  if (bias.has_value() && bias->defined()) {
-    check_same_device(*bias, "bias", x, "x");
-    TORCH_CHECK(is_supported_float(bias->scalar_type()),
-                "dnateq: bias must be float32, float16 or bfloat16, got ",
-                bias->scalar_type());
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n_out,
-                "dnateq: bias must have shape [", n_out, "], got ", bias->sizes());
-    A.bias = bias->to(at::kFloat).contiguous();
-  }
-  return A;
-}
-
-void check_w_shape(at::IntArrayRef w_shape, int64_t dims, const char* what) {
-  TORCH_CHECK(static_cast<int64_t>(w_shape.size()) == dims, "dnateq: w_shape must have ",
-              dims, " elements ", what, ", got ", w_shape);
-  for (int64_t s : w_shape) {
-    TORCH_CHECK(s >= 0, "dnateq: w_shape must be non-negative, got ", w_shape);
-  }
-}
-
 c10::optional<at::Tensor> bias_as(const at::Tensor& b, at::ScalarType t) {
   if (!b.defined()) return c10::nullopt;
   return b.to(t);
@@ -180,11 +142,11 @@ at::Tensor exp_linear_lut(const at::Tensor& x, const at::Tensor& w_packed,
                           bool /*a_signed: the float path handles any sign*/,
                           bool w_signed, c10::string_view rounding,
                           const c10::optional<at::Tensor>& bias) {
-  detail::check_w_shape(w_shape, 2, "[N, K] for a linear weight");
+  check_w_shape(w_shape, 2, "[N, K] for a linear weight");
   const int64_t N = w_shape[0], K = w_shape[1];
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, "dnateq: x last dimension (",
               x.dim() ? x.size(-1) : 0, ") must equal w_shape[1] (", K, ")");
-  const detail::LutArgs A = detail::check_lut_args(
+  const LutArgs A = check_lut_args(
       x, w_packed, N, K, alpha, sa, ba, sw, bw, bits, w_signed, rounding, bias, N);
   const c10::cuda::CUDAGuard guard(x.device());
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
@@ -222,14 +184,14 @@ at::Tensor exp_conv2d_lut(const at::Tensor& x, const at::Tensor& w_packed,
                           const c10::optional<at::Tensor>& bias,
                           at::IntArrayRef stride, at::IntArrayRef padding,
                           at::IntArrayRef dilation, int64_t groups) {
-  detail::check_w_shape(w_shape, 4, "[O, C/groups, kh, kw] for a conv weight");
+  check_w_shape(w_shape, 4, "[O, C/groups, kh, kw] for a conv weight");
   TORCH_CHECK(x.dim() == 4, "dnateq: x must be 4-D [N, C, H, W], got shape ", x.sizes());
   TORCH_CHECK(groups > 0, "dnateq: groups must be positive, got ", groups);
   TORCH_CHECK(x.size(1) == w_shape[1] * groups, "dnateq: x has ", x.size(1),
               " channels but w_shape ", w_shape, " with groups=", groups, " expects ",
               w_shape[1] * groups);
   const int64_t O = w_shape[0], K = w_shape[1] * w_shape[2] * w_shape[3];
-  const detail::LutArgs A = detail::check_lut_args(
+  const LutArgs A = check_lut_args(
       x, w_packed, O, K, alpha, sa, ba, sw, bw, bits, w_signed, rounding, bias, O);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::ScalarType dt = x.scalar_type();

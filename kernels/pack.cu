@@ -122,7 +122,7 @@ at::Tensor decode_packed(const at::Tensor& packed_in, int64_t rows, int64_t K,
 at::Tensor exp_pack(const at::Tensor& codes_in, int64_t bits, bool is_signed) {
   check_codes(codes_in, "codes");
   check_bits(bits);
-  const auto [rows, K] = detail::packed_dims(codes_in.sizes());
+  const auto [rows, K] = packed_dims(codes_in.sizes());
   const int64_t rb = packed_row_bytes(K, static_cast<int>(bits), is_signed);
   const c10::cuda::CUDAGuard guard(codes_in.device());
   const at::Tensor codes = codes_in.contiguous();
@@ -152,8 +152,8 @@ at::Tensor exp_unpack(const at::Tensor& packed_in, int64_t bits, bool is_signed,
   for (int64_t s : shape) {
     TORCH_CHECK(s >= 0, "dnateq: shape must be non-negative, got ", shape);
   }
-  const auto [rows, K] = detail::packed_dims(shape);
-  detail::check_packed(packed_in, rows, K, bits, is_signed, "packed");
+  const auto [rows, K] = packed_dims(shape);
+  check_packed(packed_in, rows, K, bits, is_signed, "packed");
   const c10::cuda::CUDAGuard guard(packed_in.device());
   const at::Tensor packed = packed_in.contiguous();
   at::Tensor out = at::empty(shape, packed.options().dtype(at::kChar));

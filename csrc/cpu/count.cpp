@@ -222,52 +222,6 @@ Post make_post(double alpha, double sa, double ba, double sw, double bw,
   return P;
 }
 
-// Validation common to both count ops; returns the float32 bias (or undefined).
-at::Tensor check_count_args(const at::Tensor& a, const at::Tensor& w,
-                            double alpha, double sa, double ba, double sw,
-                            double bw, int64_t bits,
-                            const c10::optional<at::Tensor>& bias,
-                            c10::optional<int64_t> counter_bits,
-                            const c10::optional<at::Tensor>& w_terms,
-                            int64_t n_out) {
-  check_codes(a, "a_codes");
-  check_codes(w, "w_codes");
-  check_same_device(a, "a_codes", w, "w_codes");
-  check_bits(bits);
-  check_alpha(alpha);
-  check_scale(sa, "sa");
-  check_scale(sw, "sw");
-  check_offset(ba, "ba");
-  check_offset(bw, "bw");
-  check_counter_bits(counter_bits);
-  const int E = exp_range(static_cast<int>(bits));
-  TORCH_CHECK(std::isfinite(std::pow(alpha, 2 * E)),
-              "dnateq: alpha=", alpha, " overflows alpha^(2E) at bits=", bits);
-  at::Tensor b;
-  if (bias.has_value() && bias->defined()) {
-    check_same_device(*bias, "bias", w, "w_codes");
-    TORCH_CHECK(is_supported_float(bias->scalar_type()),
-                "dnateq: bias must be float32, float16 or bfloat16, got ",
-                bias->scalar_type());
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n_out,
-                "dnateq: bias must have shape [", n_out, "], got ", bias->sizes());
-    b = bias->to(at::kFloat).contiguous();
-    TORCH_CHECK(at::isfinite(b).all().item<bool>(),
-                "dnateq: bias contains non-finite values (NaN or Inf)");
-  }
-  if (w_terms.has_value() && w_terms->defined()) {
-    check_same_device(*w_terms, "w_terms", w, "w_codes");
-    TORCH_CHECK(w_terms->scalar_type() == at::kInt,
-                "dnateq: w_terms must be int32 (from dnateq.weight_terms), got ",
-                w_terms->scalar_type());
-    TORCH_CHECK(w_terms->dim() == 2 && w_terms->size(0) == n_out &&
-                    w_terms->size(1) == (int64_t{1} << bits),
-                "dnateq: w_terms must have shape [", n_out, ", ", (1 << bits),
-                "], got ", w_terms->sizes());
-  }
-  return b;
-}
-
 c10::optional<at::Tensor> contiguous_terms(const c10::optional<at::Tensor>& t) {
   if (t.has_value() && t->defined()) return t->contiguous();
   return c10::nullopt;

@@ -97,10 +97,6 @@ void field_levels(const ExpTables& t, bool is_signed, float* lut);
 at::Tensor decode_packed_to_float(const at::Tensor& packed, int64_t rows,
                                   int64_t K, const ExpTables& t, bool is_signed);
 
-// Validates a packed tensor against (rows, K, bits, signed).
-void check_packed(const at::Tensor& packed, int64_t rows, int64_t K,
-                  int64_t bits, bool is_signed, const char* name);
-
 }  // namespace detail
 }  // namespace cpu
 }  // namespace dnateq

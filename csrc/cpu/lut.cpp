@@ -18,43 +18,6 @@ namespace {
 // Rows at or below which exp_linear_lut uses the fused decode-and-dot kernel.
 constexpr int64_t kGemvMaxRows = 4;
 
-struct LutArgs {
-  ExpTables ta, tw;
-  at::Tensor bias;  // float32 or undefined
-};
-
-LutArgs check_lut_args(const at::Tensor& x, const at::Tensor& w_packed,
-                       int64_t rows, int64_t K, double alpha, double sa,
-                       double ba, double sw, double bw, int64_t bits,
-                       bool w_signed, c10::string_view rounding,
-                       const c10::optional<at::Tensor>& bias, int64_t n_out) {
-  check_float_input(x, "x");
-  check_same_device(x, "x", w_packed, "w_packed");
-  LutArgs A;
-  const Rounding r = parse_rounding(rounding);
-  make_checked_tables(A.ta, alpha, sa, ba, bits, r, "sa", "ba");
-  make_checked_tables(A.tw, alpha, sw, bw, bits, r, "sw", "bw");
-  detail::check_packed(w_packed, rows, K, bits, w_signed, "w_packed");
-  if (bias.has_value() && bias->defined()) {
-    check_same_device(*bias, "bias", x, "x");
-    TORCH_CHECK(is_supported_float(bias->scalar_type()),
-                "dnateq: bias must be float32, float16 or bfloat16, got ",
-                bias->scalar_type());
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n_out,
-                "dnateq: bias must have shape [", n_out, "], got ", bias->sizes());
-    A.bias = bias->to(at::kFloat).contiguous();
-  }
-  return A;
-}
-
-void check_w_shape(at::IntArrayRef w_shape, int64_t dims, const char* what) {
-  TORCH_CHECK(static_cast<int64_t>(w_shape.size()) == dims, "dnateq: w_shape must have ",
-              dims, " elements ", what, ", got ", w_shape);
-  for (int64_t s : w_shape) {
-    TORCH_CHECK(s >= 0, "dnateq: w_shape must be non-negative, got ", w_shape);
-  }
-}
-
 // y[m, n] = sum_k xq[m, k] * level(w[n, k]) + bias[n], decoding each weight
 // row once for all m.
 at::Tensor fused_gemv(const at::Tensor& xq, const at::Tensor& packed, int64_t N,

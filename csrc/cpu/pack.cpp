@@ -13,15 +13,6 @@ namespace dnateq {
 namespace cpu {
 namespace {
 
-// Rows and row length of a tensor's packed layout.
-std::pair<int64_t, int64_t> packed_dims(at::IntArrayRef shape) {
-  if (shape.empty()) return {1, 1};             // 0-d: one row of one
-  if (shape.size() == 1) return {1, shape[0]};  // 1-D: one row
-  int64_t K = 1;
-  for (size_t i = 1; i < shape.size(); ++i) K *= shape[i];
-  return {shape[0], K};
-}
-
 // 32 fields of b bits fill exactly b words, so work splits on 32-element
 // groups without sharing a word.
 constexpr int64_t kGroup = 32;
@@ -29,18 +20,6 @@ constexpr int64_t kGroup = 32;
 }  // namespace
 
 namespace detail {
-
-void check_packed(const at::Tensor& packed, int64_t rows, int64_t K,
-                  int64_t bits, bool is_signed, const char* name) {
-  TORCH_CHECK(packed.scalar_type() == at::kByte, "dnateq: ", name,
-              " must be uint8 (from exp_pack), got ", packed.scalar_type());
-  const int64_t rb = packed_row_bytes(K, static_cast<int>(bits), is_signed);
-  TORCH_CHECK(packed.dim() == 2 && packed.size(0) == rows &&
-                  packed.size(1) == rb,
-              "dnateq: ", name, " must have shape [", rows, ", ", rb,
-              "] for ", rows, " rows of ", K, " elements at bits=", bits,
-              (is_signed ? " signed" : " unsigned"), ", got ", packed.sizes());
-}
 
 void field_levels(const ExpTables& t, bool is_signed, float* lut) {
   const int b = packed_field_bits(t.bits, is_signed);
@@ -130,7 +109,7 @@ at::Tensor exp_unpack(const at::Tensor& packed_in, int64_t bits, bool is_signed,
     TORCH_CHECK(s >= 0, "dnateq: shape must be non-negative, got ", shape);
   }
   const auto [rows, K] = packed_dims(shape);
-  detail::check_packed(packed_in, rows, K, bits, is_signed, "packed");
+  check_packed(packed_in, rows, K, bits, is_signed, "packed");
   const at::Tensor packed = packed_in.contiguous();
   const int b = packed_field_bits(static_cast<int>(bits), is_signed);
   int8_t lut[256];
