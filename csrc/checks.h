@@ -231,4 +231,53 @@ inline LutArgs check_lut_args(const at::Tensor& x, const at::Tensor& w_packed,
   return A;
 }
 
+// Per-operator argument checks shared by the backends.
+
+// exp_dequantize: codes and output dtype; returns the format's tables.
+inline ExpTables check_dequantize_args(const at::Tensor& codes, double alpha,
+                                       double scale, double offset, int64_t bits,
+                                       at::ScalarType dtype) {
+  check_codes(codes, "codes");
+  TORCH_CHECK(is_supported_float(dtype),
+              "dnateq: dtype must be float32, float16 or bfloat16, got ", dtype);
+  ExpTables t;
+  make_checked_tables(t, alpha, scale, offset, bits, Rounding::kNearest,
+                      "scale", "offset");
+  return t;
+}
+
+// exp_unpack: returns the (rows, K) of the requested shape.
+inline std::pair<int64_t, int64_t> check_unpack_args(const at::Tensor& packed,
+                                                     int64_t bits, bool is_signed,
+                                                     at::IntArrayRef shape) {
+  check_bits(bits);
+  for (int64_t s : shape) {
+    TORCH_CHECK(s >= 0, "dnateq: shape must be non-negative, got ", shape);
+  }
+  const auto dims = packed_dims(shape);
+  check_packed(packed, dims.first, dims.second, bits, is_signed, "packed");
+  return dims;
+}
+
+// exp_linear_count: a_codes [*, K], w_codes [N, K]; returns (N, K).
+inline std::pair<int64_t, int64_t> check_linear_count_shapes(const at::Tensor& a,
+                                                             const at::Tensor& w) {
+  TORCH_CHECK(w.dim() == 2, "dnateq: w_codes must be 2-D [N, K], got shape ", w.sizes());
+  TORCH_CHECK(a.dim() >= 1, "dnateq: a_codes must have at least 1 dimension");
+  const int64_t N = w.size(0), K = w.size(1);
+  TORCH_CHECK(a.size(-1) == K, "dnateq: a_codes last dimension (", a.size(-1),
+              ") must equal w_codes.shape[1] (", K, ")");
+  return {N, K};
+}
+
+// exp_linear_lut: x [*, K], w_shape [N, K]; returns (N, K).
+inline std::pair<int64_t, int64_t> check_linear_lut_shapes(const at::Tensor& x,
+                                                           at::IntArrayRef w_shape) {
+  check_w_shape(w_shape, 2, "[N, K] for a linear weight");
+  const int64_t N = w_shape[0], K = w_shape[1];
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, "dnateq: x last dimension (",
+              x.dim() ? x.size(-1) : 0, ") must equal w_shape[1] (", K, ")");
+  return {N, K};
+}
+
 }  // namespace dnateq

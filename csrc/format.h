@@ -105,6 +105,18 @@ DNATEQ_HD uint8_t encode(float x, const float* thr, int n_thr) {
   return x < 0.f ? static_cast<uint8_t>(b | kSignBit) : b;
 }
 
+// Value of every int8 code byte (256 entries): sign * level of the biased
+// exponent; zero codes and codes with bits n..6 set (invalid, rejected by
+// the operators) read 0.
+inline void code_values(const ExpTables& t, float* lut) {
+  const int max_mag = num_levels(t.bits);
+  for (int c = 0; c < 256; ++c) {
+    const int mag = c & kMagMask;
+    const float lv = mag <= max_mag ? t.levels[mag] : 0.f;
+    lut[c] = (c & kSignBit) ? -lv : lv;
+  }
+}
+
 // Packed bits per element: sign + exponent for signed tensors, exponent only
 // for unsigned ones.
 DNATEQ_HD int packed_field_bits(int bits, bool is_signed) {
@@ -125,6 +137,18 @@ DNATEQ_HD uint8_t field_to_code(uint32_t field, int bits, bool is_signed) {
   const uint8_t mag = static_cast<uint8_t>(field & ((1u << bits) - 1u));
   if (!is_signed) return mag;
   return static_cast<uint8_t>(((field >> bits) & 1u) ? (mag | kSignBit) : mag);
+}
+
+// Value of every field of a packed tensor (2^b of 256 entries filled, b =
+// n+1 signed or n unsigned; the rest 0): sign * level.
+inline void field_values(const ExpTables& t, bool is_signed, float* lut) {
+  const int b = packed_field_bits(t.bits, is_signed);
+  for (uint32_t f = 0; f < 256; ++f) {
+    if (f >= (1u << b)) { lut[f] = 0.f; continue; }
+    const uint8_t code = field_to_code(f, t.bits, is_signed);
+    const float lv = t.levels[code & kMagMask];
+    lut[f] = (code & kSignBit) ? -lv : lv;
+  }
 }
 
 }  // namespace dnateq

@@ -58,17 +58,10 @@ inline LevelArgs level_args(const ExpTables& t) {
   return a;
 }
 
-// Field -> signed float level of a packed tensor (2^b entries, b = n or n+1);
-// the same table as dnateq::cpu::detail::field_levels.
+// Field -> signed float level of a packed tensor (format.h field_values).
 inline Lut256 field_lut(const ExpTables& t, bool is_signed) {
   Lut256 l;
-  for (int i = 0; i < 256; ++i) l.v[i] = 0.f;
-  const int b = packed_field_bits(t.bits, is_signed);
-  for (uint32_t f = 0; f < (1u << b); ++f) {
-    const uint8_t code = field_to_code(f, t.bits, is_signed);
-    const float lv = t.levels[code & kMagMask];
-    l.v[f] = (code & kSignBit) ? -lv : lv;
-  }
+  field_values(t, is_signed, l.v);
   return l;
 }
 

@@ -142,10 +142,7 @@ at::Tensor exp_linear_lut(const at::Tensor& x, const at::Tensor& w_packed,
                           bool /*a_signed: the float path handles any sign*/,
                           bool w_signed, c10::string_view rounding,
                           const c10::optional<at::Tensor>& bias) {
-  check_w_shape(w_shape, 2, "[N, K] for a linear weight");
-  const int64_t N = w_shape[0], K = w_shape[1];
-  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, "dnateq: x last dimension (",
-              x.dim() ? x.size(-1) : 0, ") must equal w_shape[1] (", K, ")");
+  const auto [N, K] = check_linear_lut_shapes(x, w_shape);
   const LutArgs A = check_lut_args(
       x, w_packed, N, K, alpha, sa, ba, sw, bw, bits, w_signed, rounding, bias, N);
   const c10::cuda::CUDAGuard guard(x.device());

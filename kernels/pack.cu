@@ -148,12 +148,7 @@ at::Tensor exp_pack(const at::Tensor& codes_in, int64_t bits, bool is_signed) {
 
 at::Tensor exp_unpack(const at::Tensor& packed_in, int64_t bits, bool is_signed,
                       at::IntArrayRef shape) {
-  check_bits(bits);
-  for (int64_t s : shape) {
-    TORCH_CHECK(s >= 0, "dnateq: shape must be non-negative, got ", shape);
-  }
-  const auto [rows, K] = packed_dims(shape);
-  check_packed(packed_in, rows, K, bits, is_signed, "packed");
+  const auto [rows, K] = check_unpack_args(packed_in, bits, is_signed, shape);
   const c10::cuda::CUDAGuard guard(packed_in.device());
   const at::Tensor packed = packed_in.contiguous();
   at::Tensor out = at::empty(shape, packed.options().dtype(at::kChar));

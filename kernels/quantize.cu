@@ -229,22 +229,12 @@ at::Tensor exp_quantize(const at::Tensor& x_in, double alpha, double scale,
 at::Tensor exp_dequantize(const at::Tensor& codes_in, double alpha,
                           double scale, double offset, int64_t bits,
                           at::ScalarType dtype) {
-  check_codes(codes_in, "codes");
-  TORCH_CHECK(is_supported_float(dtype),
-              "dnateq: dtype must be float32, float16 or bfloat16, got ",
-              dtype);
-  ExpTables t;
-  make_checked_tables(t, alpha, scale, offset, bits, Rounding::kNearest,
-                      "scale", "offset");
+  const ExpTables t = check_dequantize_args(codes_in, alpha, scale, offset, bits, dtype);
   // 256-entry table indexed by the code byte, as on the CPU; codes with bits
   // n..6 set read 0 here and raise below.
   const int max_mag = num_levels(static_cast<int>(bits));
   detail::Lut256 lut;
-  for (int c = 0; c < 256; ++c) {
-    const int mag = c & kMagMask;
-    const float lv = mag <= max_mag ? t.levels[mag] : 0.f;
-    lut.v[c] = (c & kSignBit) ? -lv : lv;
-  }
+  code_values(t, lut.v);
   const c10::cuda::CUDAGuard guard(codes_in.device());
   const at::Tensor codes = codes_in.contiguous();
   at::Tensor out = at::empty(codes.sizes(), codes.options().dtype(dtype));

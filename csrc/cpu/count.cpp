@@ -235,12 +235,7 @@ at::Tensor exp_linear_count(const at::Tensor& a_in, const at::Tensor& w_in,
                             const c10::optional<at::Tensor>& bias,
                             c10::optional<int64_t> counter_bits,
                             const c10::optional<at::Tensor>& w_terms_in) {
-  TORCH_CHECK(w_in.dim() == 2, "dnateq: w_codes must be 2-D [N, K], got shape ",
-              w_in.sizes());
-  TORCH_CHECK(a_in.dim() >= 1, "dnateq: a_codes must have at least 1 dimension");
-  const int64_t N = w_in.size(0), K = w_in.size(1);
-  TORCH_CHECK(a_in.size(-1) == K, "dnateq: a_codes last dimension (", a_in.size(-1),
-              ") must equal w_codes.shape[1] (", K, ")");
+  const auto [N, K] = check_linear_count_shapes(a_in, w_in);
   const at::Tensor b = check_count_args(a_in, w_in, alpha, sa, ba, sw, bw, bits,
                                         bias, counter_bits, w_terms_in, N);
   const at::Tensor a = a_in.contiguous(), w = w_in.contiguous();

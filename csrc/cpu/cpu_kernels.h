@@ -89,8 +89,6 @@ inline void decode_row(const uint8_t* row, int64_t K, int b, const T* lut,
   }
 }
 
-// Field -> float value table of a packed tensor (2^b entries).
-void field_levels(const ExpTables& t, bool is_signed, float* lut);
 
 // Unpacks + dequantizes a packed weight [rows, row_bytes] to float32
 // [rows, K] through the level table.

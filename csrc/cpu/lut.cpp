@@ -25,7 +25,7 @@ at::Tensor fused_gemv(const at::Tensor& xq, const at::Tensor& packed, int64_t N,
                       const at::Tensor& bias) {
   const int64_t M = xq.size(0);
   float lut[256];
-  detail::field_levels(tw, w_signed, lut);
+  field_values(tw, w_signed, lut);
   const int b = packed_field_bits(tw.bits, w_signed);
   const int64_t rb = packed.size(1);
   const uint8_t* src = packed.const_data_ptr<uint8_t>();
@@ -65,10 +65,7 @@ at::Tensor exp_linear_lut(const at::Tensor& x, const at::Tensor& w_packed,
                           bool /*a_signed: the float path handles any sign*/,
                           bool w_signed, c10::string_view rounding,
                           const c10::optional<at::Tensor>& bias) {
-  check_w_shape(w_shape, 2, "[N, K] for a linear weight");
-  const int64_t N = w_shape[0], K = w_shape[1];
-  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, "dnateq: x last dimension (",
-              x.dim() ? x.size(-1) : 0, ") must equal w_shape[1] (", K, ")");
+  const auto [N, K] = check_linear_lut_shapes(x, w_shape);
   const LutArgs A = check_lut_args(x, w_packed, N, K, alpha, sa, ba, sw, bw,
                                    bits, w_signed, rounding, bias, N);
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());

@@ -21,21 +21,12 @@ constexpr int64_t kGroup = 32;
 
 namespace detail {
 
-void field_levels(const ExpTables& t, bool is_signed, float* lut) {
-  const int b = packed_field_bits(t.bits, is_signed);
-  for (uint32_t f = 0; f < (1u << b); ++f) {
-    const uint8_t code = field_to_code(f, t.bits, is_signed);
-    const float lv = t.levels[code & kMagMask];
-    lut[f] = (code & kSignBit) ? -lv : lv;
-  }
-}
-
 at::Tensor decode_packed_to_float(const at::Tensor& packed_in, int64_t rows,
                                   int64_t K, const ExpTables& t,
                                   bool is_signed) {
   const at::Tensor packed = packed_in.contiguous();
   float lut[256];
-  field_levels(t, is_signed, lut);
+  field_values(t, is_signed, lut);
   const int b = packed_field_bits(t.bits, is_signed);
   const int64_t rb = packed.size(1);
   at::Tensor out = at::empty({rows, K}, packed.options().dtype(at::kFloat));
@@ -104,12 +95,7 @@ at::Tensor exp_pack(const at::Tensor& codes_in, int64_t bits, bool is_signed) {
 
 at::Tensor exp_unpack(const at::Tensor& packed_in, int64_t bits, bool is_signed,
                       at::IntArrayRef shape) {
-  check_bits(bits);
-  for (int64_t s : shape) {
-    TORCH_CHECK(s >= 0, "dnateq: shape must be non-negative, got ", shape);
-  }
-  const auto [rows, K] = packed_dims(shape);
-  check_packed(packed_in, rows, K, bits, is_signed, "packed");
+  const auto [rows, K] = check_unpack_args(packed_in, bits, is_signed, shape);
   const at::Tensor packed = packed_in.contiguous();
   const int b = packed_field_bits(static_cast<int>(bits), is_signed);
   int8_t lut[256];

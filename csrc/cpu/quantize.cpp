@@ -180,23 +180,10 @@ at::Tensor exp_quantize(const at::Tensor& x_in, double alpha, double scale,
 at::Tensor exp_dequantize(const at::Tensor& codes_in, double alpha,
                           double scale, double offset, int64_t bits,
                           at::ScalarType dtype) {
-  check_codes(codes_in, "codes");
-  TORCH_CHECK(is_supported_float(dtype),
-              "dnateq: dtype must be float32, float16 or bfloat16, got ",
-              dtype);
-  ExpTables t;
-  make_checked_tables(t, alpha, scale, offset, bits, Rounding::kNearest,
-                      "scale", "offset");
-  // 256-entry table indexed by the code byte; invalid codes flagged.
-  float lut[256];
-  bool valid[256];
+  const ExpTables t = check_dequantize_args(codes_in, alpha, scale, offset, bits, dtype);
+  float lut[256];  // indexed by the code byte
+  code_values(t, lut);
   const int max_mag = num_levels(static_cast<int>(bits));
-  for (int c = 0; c < 256; ++c) {
-    const int mag = c & kMagMask;
-    valid[c] = mag <= max_mag;
-    const float lv = valid[c] ? t.levels[mag] : 0.f;
-    lut[c] = (c & kSignBit) ? -lv : lv;
-  }
   const at::Tensor codes = codes_in.contiguous();
   at::Tensor outf = at::empty(codes.sizes(), codes.options().dtype(at::kFloat));
   const uint8_t* c = reinterpret_cast<const uint8_t*>(codes.const_data_ptr<int8_t>());
@@ -206,7 +193,7 @@ at::Tensor exp_dequantize(const at::Tensor& codes_in, double alpha,
     bool good = true;
     for (int64_t i = b0; i < b1; ++i) {
       o[i] = lut[c[i]];
-      good &= valid[c[i]];
+      good &= (c[i] & kMagMask) <= max_mag;
     }
     if (!good) ok = false;
   });
