@@ -33,7 +33,8 @@ import torch.nn as nn
 from . import ops
 from .nn.modules import ExpConv2d, ExpLinear, ExpMultiheadAttention, MODES, ROUNDINGS
 
-__all__ = ["quantize", "exponential_rss", "batch_input", "INPUT_KEYS"]
+__all__ = ["quantize", "exponential_rss", "batch_input", "INPUT_KEYS", "select_layers",
+           "trace_layers", "Traces"]
 
 #: Keys tried, in order, to find the model input in a dict batch; when none is
 #: present the first tensor value of the dict is used.
@@ -44,7 +45,7 @@ INPUT_KEYS = ("input", "inputs", "x", "pixel_values", "input_ids", "image", "ima
 # helpers
 # ---------------------------------------------------------------------------
 
-def batch_input(batch: Any) -> Any:
+def batch_input(batch: Any, who: str = "dnateq.quantize") -> Any:
     """The model input of one loader batch: a tensor as is; the first item of a
     tuple/list; for a dict the value of the first key of :data:`INPUT_KEYS`
     present, else its first tensor value."""
@@ -52,7 +53,7 @@ def batch_input(batch: Any) -> Any:
         return batch
     if isinstance(batch, (tuple, list)):
         if len(batch) == 0:
-            raise ValueError("dnateq.quantize: a loader batch is an empty tuple/list")
+            raise ValueError(f"{who}: a loader batch is an empty tuple/list")
         return batch[0]
     if isinstance(batch, dict):
         for k in INPUT_KEYS:
@@ -61,9 +62,9 @@ def batch_input(batch: Any) -> Any:
         for v in batch.values():
             if isinstance(v, torch.Tensor):
                 return v
-        raise ValueError(f"dnateq.quantize: a dict batch has no tensor value (keys "
+        raise ValueError(f"{who}: a dict batch has no tensor value (keys "
                          f"{list(batch)}); expected one of {INPUT_KEYS}")
-    raise TypeError(f"dnateq.quantize: loader batches must be tensors, tuples/lists or "
+    raise TypeError(f"{who}: loader batches must be tensors, tuples/lists or "
                     f"dicts, got {type(batch).__name__}")
 
 
@@ -88,8 +89,8 @@ def exponential_rss(x: torch.Tensor, normalize: bool = False, bins: int = 100) -
 class _Trace:
     """Bounded uniform sample of one layer's inputs (priority sampling)."""
 
-    def __init__(self, size: int, gen: torch.Generator):
-        self.size, self.gen = int(size), gen
+    def __init__(self, size: int, gen: torch.Generator, who: str = "dnateq.quantize"):
+        self.size, self.gen, self.who = int(size), gen, who
         self.vals = torch.empty(0)
         self.keys = torch.empty(0)
         self.kmax = 1.0
@@ -106,7 +107,7 @@ class _Trace:
         if v.numel() == 0:
             return
         if not bool(torch.isfinite(v).all()):
-            raise ValueError(f"dnateq.quantize: non-finite (NaN/Inf) input activations reached "
+            raise ValueError(f"{self.who}: non-finite (NaN/Inf) input activations reached "
                              f"layer '{name}' during calibration")
         self.calls += 1
         self.count += v.numel()
@@ -232,6 +233,136 @@ def _progress(it, enabled: bool, **kw):
         return it
     return tqdm(it, **kw)
 
+
+
+# ---------------------------------------------------------------------------
+# layer selection and tracing (shared with dnateq.baselines and dnateq.analysis)
+# ---------------------------------------------------------------------------
+
+_PROJS = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+
+def select_layers(work: nn.Module, layers: Optional[Sequence[str]] = None,
+                  skip: Optional[Sequence[str]] = None, who: str = "dnateq.quantize"
+                  ) -> Tuple[List[str], List[str], Dict[str, str]]:
+    """Prepare ``work`` (modified in place) and list its quantizable layers.
+
+    Selected ``nn.MultiheadAttention`` modules are replaced by
+    :class:`dnateq.nn.ExpMultiheadAttention` (explicit Q/K/V/out ``nn.Linear``s,
+    float) so each projection is its own layer. Returns ``(mha_names, cands,
+    skipped)``: the replaced attention modules, the candidate layer names in
+    ``named_modules`` order, and ``{name: reason}`` for the layers left float.
+    Every quantizer uses this one selection, so baselines cover the same layers.
+    """
+    mha_names = [n for n, m in work.named_modules()
+                 if isinstance(m, nn.MultiheadAttention) and n and not _matches(n, skip)
+                 and (layers is None or _matches(n, layers)
+                      or any(_matches(f"{n}.{p}", layers) for p in _PROJS))]
+    for n in mha_names:
+        _set_module(work, n, ExpMultiheadAttention.from_float(_get_module(work, n)))
+    for m in work.modules():
+        if isinstance(m, nn.TransformerEncoder):
+            m.use_nested_tensor = False   # the nested fast path bypasses the modules
+    skipped: Dict[str, str] = {}
+    cands: List[str] = []
+    kept_mha = [n for n, m in work.named_modules() if isinstance(m, nn.MultiheadAttention)]
+    for n, m in work.named_modules():
+        if isinstance(m, (ExpLinear, ExpConv2d)):
+            continue
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            if any(n.startswith(k + ".") for k in kept_mha):
+                skipped[n] = "inside a skipped nn.MultiheadAttention"
+                continue
+            if layers is not None and not _matches(n, layers):
+                continue
+            if _matches(n, skip):
+                skipped[n] = "skipped by option"
+                continue
+            if isinstance(m, nn.Conv2d) and m.padding_mode != "zeros":
+                skipped[n] = f"padding_mode={m.padding_mode!r} (only 'zeros' is quantized)"
+                continue
+            cands.append(n)
+    if not cands:
+        raise ValueError(f"{who}: the model has no quantizable layer (nn.Linear, "
+                         "nn.Conv2d with zero padding, nn.MultiheadAttention)"
+                         + (" matching `layers`/`skip`" if layers or skip else ""))
+    return mha_names, cands, skipped
+
+
+class Traces:
+    """What :func:`trace_layers` collected: ``traces`` ({name: bounded sample
+    with exact extremes}), ``order`` (names in first-execution order),
+    ``batches`` (calibration batches run), ``kept`` (the first calibration
+    inputs kept, on the model's device) and ``extra`` (further loader inputs,
+    not run)."""
+
+    def __init__(self, traces, order, batches, kept, extra):
+        self.traces, self.order, self.batches = traces, order, batches
+        self.kept, self.extra = kept, extra
+
+
+def trace_layers(work: nn.Module, names: Sequence[str], loader: Iterable, *,
+                 calib_batches: int = 8, sample_size: int = 1 << 18, seed: int = 0,
+                 progress: bool = True, keep_inputs: int = 0, extra_inputs: int = 0,
+                 who: str = "dnateq.quantize", label: str = "dnateq") -> Traces:
+    """Run ``work`` on ``calib_batches`` loader batches and record the input of
+    every layer in ``names`` (forward pre-hooks, bounded memory: see
+    :class:`_Trace`). ``keep_inputs`` of the calibration inputs are kept and up
+    to ``extra_inputs`` further batches are read (not run) for held-out
+    evaluation. Raises when the loader is empty, a batch is malformed or the
+    model cannot take it, or activations are non-finite; messages start with
+    ``who``, the progress bar with ``label``."""
+    gen = torch.Generator()
+    gen.manual_seed(int(seed))
+    traces = {n: _Trace(sample_size, gen, who) for n in names}
+    order: List[str] = []
+    device = _model_device(work)
+
+    def make_hook(name):
+        def hook(mod, args):
+            if not args or not isinstance(args[0], torch.Tensor):
+                return
+            if name not in order:
+                order.append(name)
+            traces[name].add(args[0], name)
+        return hook
+
+    handles = [_get_module(work, n).register_forward_pre_hook(make_hook(n)) for n in names]
+    kept: List[Any] = []
+    extra: List[Any] = []
+    n_calib = 0
+    try:
+        it = iter(loader)
+        bar = _progress(it, progress, desc=f"{label}: tracing", total=int(calib_batches))
+        with torch.no_grad():
+            for batch in bar:
+                x = _to_device(batch_input(batch, who), device)
+                try:
+                    work(x)
+                except Exception as e:
+                    if str(e).startswith(who):
+                        raise
+                    raise RuntimeError(f"{who}: the model cannot take loader batch "
+                                       f"{n_calib} (input {_describe(x)}): "
+                                       f"{type(e).__name__}: {e}") from e
+                if len(kept) < int(keep_inputs):
+                    kept.append(x)
+                n_calib += 1
+                if n_calib >= int(calib_batches):
+                    break
+            if hasattr(bar, "close"):
+                bar.close()
+            if int(extra_inputs) > 0:
+                for batch in it:
+                    extra.append(_to_device(batch_input(batch, who), device))
+                    if len(extra) >= int(extra_inputs):
+                        break
+    finally:
+        for h in handles:
+            h.remove()
+    if n_calib == 0:
+        raise ValueError(f"{who}: the loader yielded no batch")
+    return Traces(traces, order, n_calib, kept, extra)
 
 # ---------------------------------------------------------------------------
 # quantize
@@ -363,97 +494,16 @@ def quantize(model: nn.Module, loader: Iterable, *,
     work = copy.deepcopy(model)
     was_training = model.training
     work.eval()
-    device = _model_device(work)
 
-    # 1. MultiheadAttention -> explicit projections.
-    projs = ("q_proj", "k_proj", "v_proj", "out_proj")
-    mha_names = [n for n, m in work.named_modules()
-                 if isinstance(m, nn.MultiheadAttention) and n and not _matches(n, skip)
-                 and (layers is None or _matches(n, layers)
-                      or any(_matches(f"{n}.{p}", layers) for p in projs))]
-    for n in mha_names:
-        _set_module(work, n, ExpMultiheadAttention.from_float(_get_module(work, n)))
-    for m in work.modules():
-        if isinstance(m, nn.TransformerEncoder):
-            m.use_nested_tensor = False   # the nested fast path bypasses the modules
-
-    # Candidate layers.
-    skipped: Dict[str, str] = {}
-    cands: List[str] = []
-    kept_mha = [n for n, m in work.named_modules() if isinstance(m, nn.MultiheadAttention)]
-    for n, m in work.named_modules():
-        if isinstance(m, (ExpLinear, ExpConv2d)):
-            continue
-        if isinstance(m, (nn.Linear, nn.Conv2d)):
-            if any(n.startswith(k + ".") for k in kept_mha):
-                skipped[n] = "inside a skipped nn.MultiheadAttention"
-                continue
-            if layers is not None and not _matches(n, layers):
-                continue
-            if _matches(n, skip):
-                skipped[n] = "skipped by option"
-                continue
-            if isinstance(m, nn.Conv2d) and m.padding_mode != "zeros":
-                skipped[n] = f"padding_mode={m.padding_mode!r} (only 'zeros' is quantized)"
-                continue
-            cands.append(n)
-    if not cands:
-        raise ValueError("dnateq.quantize: the model has no quantizable layer (nn.Linear, "
-                         "nn.Conv2d with zero padding, nn.MultiheadAttention)"
-                         + (" matching `layers`/`skip`" if layers or skip else ""))
+    # 1. MultiheadAttention -> explicit projections; candidate layers.
+    mha_names, cands, skipped = select_layers(work, layers, skip)
 
     # 2. Traces.
-    gen = torch.Generator()
-    gen.manual_seed(int(seed))
-    traces = {n: _Trace(sample_size, gen) for n in cands}
-    order: List[str] = []
-    handles = []
-
-    def make_hook(name):
-        def hook(mod, args):
-            if not args or not isinstance(args[0], torch.Tensor):
-                return
-            if name not in order:
-                order.append(name)
-            traces[name].add(args[0], name)
-        return hook
-
-    for n in cands:
-        handles.append(_get_module(work, n).register_forward_pre_hook(make_hook(n)))
-    eval_inputs: List[Any] = []
-    calib_inputs: List[Any] = []   # fallback for the proxy, at most eval_batches
-    n_calib = 0
-    try:
-        it = iter(loader)
-        bar = _progress(it, progress, desc="dnateq: tracing", total=int(calib_batches))
-        with torch.no_grad():
-            for batch in bar:
-                x = _to_device(batch_input(batch), device)
-                try:
-                    work(x)
-                except Exception as e:
-                    if str(e).startswith("dnateq.quantize"):
-                        raise
-                    raise RuntimeError(f"dnateq.quantize: the model cannot take loader batch "
-                                       f"{n_calib} (input {_describe(x)}): "
-                                       f"{type(e).__name__}: {e}") from e
-                if eval_fn is None and len(calib_inputs) < int(eval_batches):
-                    calib_inputs.append(x)
-                n_calib += 1
-                if n_calib >= int(calib_batches):
-                    break
-            if hasattr(bar, "close"):
-                bar.close()
-            if eval_fn is None:
-                for batch in it:
-                    eval_inputs.append(_to_device(batch_input(batch), device))
-                    if len(eval_inputs) >= int(eval_batches):
-                        break
-    finally:
-        for h in handles:
-            h.remove()
-    if n_calib == 0:
-        raise ValueError("dnateq.quantize: the loader yielded no batch")
+    tr = trace_layers(work, cands, loader, calib_batches=calib_batches,
+                      sample_size=sample_size, seed=seed, progress=progress,
+                      keep_inputs=int(eval_batches) if eval_fn is None else 0,
+                      extra_inputs=int(eval_batches) if eval_fn is None else 0)
+    traces, order, calib_inputs, eval_inputs = tr.traces, tr.order, tr.kept, tr.extra
     for n in cands:
         if traces[n].calls == 0:
             skipped[n] = "not executed during calibration"
