@@ -423,6 +423,15 @@ def test_resnet20_cifar10_real():
     assert q_acc >= float_acc - 1.0
     assert rep["totals"]["avg_bits"] <= 5.0
     assert bits["conv1"] >= min(bits.values())    # first-layer rule: Thr_w / 10
+    # Uniform INT-b with the same per-layer bits loses more (paper Table III), in the
+    # paper's convention (n bits) and the storage-fair one (n + 1 for signed tensors).
+    from dnateq import baselines
+    for conv in ("paper", "storage"):
+        u = baselines.uniform_quantize(model, loader, bits=baselines.bits_of(q, conv),
+                                       calib_batches=2, progress=False)
+        u_acc = accuracy(u)
+        print(f"uniform ({conv} bits): {u_acc:.2f} %")
+        assert u_acc < q_acc
     # the three execution modes agree on the real network
     x = xt[:4]
     outs = {}

@@ -14,6 +14,8 @@ from .ops import (exp_conv2d_count, exp_conv2d_lut, exp_dequantize, exp_error,
 from . import nn  # noqa: E402  quantized modules (dnateq.nn.ExpLinear, ...)
 from .calibrate import quantize  # noqa: E402
 from .report import Report, report  # noqa: E402
+from . import baselines  # noqa: E402  uniform INT-b baseline (paper Tables III/IV)
+from .persistence import DnateqFileError, load, save  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -21,5 +23,5 @@ __all__ = [
     "ops", "reference", "exp_quantize", "exp_dequantize", "exp_pack",
     "exp_unpack", "exp_linear_count", "exp_conv2d_count", "exp_linear_lut",
     "exp_conv2d_lut", "exp_fit", "exp_error", "exp_errors", "weight_terms",
-    "nn", "quantize", "report", "Report",
+    "nn", "quantize", "report", "Report", "baselines", "save", "load", "DnateqFileError",
 ]

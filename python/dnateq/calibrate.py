@@ -32,9 +32,13 @@ import torch.nn as nn
 
 from . import ops
 from .nn.modules import ExpConv2d, ExpLinear, ExpMultiheadAttention, MODES, ROUNDINGS
+from .nn.uniform import UniformConv2d, UniformLinear
+
+# Layer types that replace float ones (fused fast paths must not bypass them).
+_QUANTIZED = (ExpLinear, ExpConv2d, UniformLinear, UniformConv2d)
 
 __all__ = ["quantize", "exponential_rss", "batch_input", "INPUT_KEYS", "select_layers",
-           "trace_layers", "Traces"]
+           "trace_layers", "Traces", "move_modules"]
 
 #: Keys tried, in order, to find the model input in a dict batch; when none is
 #: present the first tensor value of the dict is used.
@@ -99,6 +103,8 @@ class _Trace:
         self.lo_val = 0.0
         self.hi_val = 0.0
         self.negative = False
+        self.vmin = math.inf   # signed extremes (uniform baselines' ranges)
+        self.vmax = -math.inf
         self.count = 0
         self.calls = 0
 
@@ -114,6 +120,8 @@ class _Trace:
         m = v.abs()
         if bool((v < 0).any()):
             self.negative = True
+        self.vmin = min(self.vmin, float(v.min()))
+        self.vmax = max(self.vmax, float(v.max()))
         i = int(m.argmax())
         if float(m[i]) > self.hi:
             self.hi, self.hi_val = float(m[i]), float(v[i])
@@ -267,7 +275,7 @@ def select_layers(work: nn.Module, layers: Optional[Sequence[str]] = None,
     cands: List[str] = []
     kept_mha = [n for n, m in work.named_modules() if isinstance(m, nn.MultiheadAttention)]
     for n, m in work.named_modules():
-        if isinstance(m, (ExpLinear, ExpConv2d)):
+        if isinstance(m, _QUANTIZED):
             continue
         if isinstance(m, (nn.Linear, nn.Conv2d)):
             if any(n.startswith(k + ".") for k in kept_mha):
@@ -663,15 +671,21 @@ def quantize(model: nn.Module, loader: Iterable, *,
     work.dnateq_info = info
     if not inplace:
         return work
-    # In place: move the replaced modules into the caller's model.
+    move_modules(work, model, mha_names, qnames)
+    model.dnateq_info = info
+    return model
+
+
+def move_modules(work: nn.Module, model: nn.Module, mha_names: Sequence[str],
+                 names: Sequence[str]) -> None:
+    """In-place quantization: move the replaced attention modules and quantized
+    layers of ``work`` (a calibrated copy of ``model``) into ``model``."""
     for n in mha_names:
         _set_module(model, n, _get_module(work, n))
-    for n in qnames:
+    for n in names:
         if not any(n.startswith(mn + ".") for mn in mha_names):
             _set_module(model, n, _get_module(work, n))
     _disable_fast_paths(model)
-    model.dnateq_info = info
-    return model
 
 
 def _disable_fast_paths(root: nn.Module) -> None:
@@ -682,7 +696,7 @@ def _disable_fast_paths(root: nn.Module) -> None:
         if isinstance(m, nn.TransformerEncoder):
             m.use_nested_tensor = False
         if isinstance(m, nn.TransformerEncoderLayer) and any(
-                isinstance(c, (ExpLinear, ExpConv2d)) for c in m.modules()):
+                isinstance(c, _QUANTIZED) for c in m.modules()):
             # only gates the fast path; the activation itself is m.activation
             m.activation_relu_or_gelu = 0
 
