@@ -153,3 +153,66 @@ def test_quantize_half_widened_to_float32(dtype):
     x = make_data((500,), g, dtype=dtype)
     assert_codes_equal(dnateq.exp_quantize(x, alpha, S, beta, 5),
                        dnateq.exp_quantize(x.float(), alpha, S, beta, 5))
+
+
+# -- the bucket-table quantizer (tensors of >= 32768 elements) ----------------
+
+def _threshold_probes(alpha, S, beta, bits, rounding, g, n=1 << 16):
+    """Every threshold, its float32 neighbours on both sides, zeros of both
+    signs, denormals, huge values, and random data: the hard cases of a
+    table-driven comparator, in a tensor large enough to take that path."""
+    E = (1 << (bits - 1)) - 1
+    j = torch.arange(-E, E, dtype=torch.float64)
+    if rounding == "log":
+        t = beta + S * alpha ** (j + 0.5)
+    else:
+        t = beta + S * 0.5 * (alpha ** j + alpha ** (j + 1))
+    t = t.float()
+    near = torch.cat([t, torch.nextafter(t, torch.full_like(t, -1e30)),
+                      torch.nextafter(t, torch.full_like(t, 1e30))])
+    special = torch.tensor([0.0, -0.0, 1e-45, -1e-45, 1e-40, 3e38, -3e38, 1e-30])
+    body = torch.randn(n, generator=g) * float(t.abs().max())
+    x = torch.cat([near, -near, special, body])
+    return x[torch.randperm(x.numel(), generator=g)]
+
+
+@pytest.mark.parametrize("bits", ALL_BITS)
+@pytest.mark.parametrize("rounding", ROUNDINGS)
+@pytest.mark.parametrize("case", ["fit", "negative_beta", "alpha_near_1"])
+def test_bucket_path_is_bit_exact(bits, rounding, case):
+    g = gen(seed_of("bucket", bits, rounding, case))
+    if case == "fit":
+        alpha, S, beta = random_params(bits, g=g)
+    elif case == "negative_beta":
+        alpha, S, beta = random_params(bits, g=g)
+        beta = -3.0 * S            # some thresholds <= 0: below every magnitude
+    else:
+        alpha, S, beta = 1.0 + 1e-3, 1.0, 0.0   # too dense for the table: counting path
+    x = _threshold_probes(alpha, S, beta, bits, rounding, g)
+    assert x.numel() >= 1 << 15
+    assert_codes_equal(dnateq.exp_quantize(x, alpha, S, beta, bits, rounding),
+                       ref.exp_quantize(x, alpha, S, beta, bits, rounding), case)
+    # half/bfloat16 inputs widen to float32 first, then take the same path
+    for dt in (torch.float16, torch.bfloat16):
+        xh = x.clamp(-6e4, 6e4).to(dt)
+        assert_codes_equal(dnateq.exp_quantize(xh, alpha, S, beta, bits, rounding),
+                           ref.exp_quantize(xh, alpha, S, beta, bits, rounding), str(dt))
+    # fake quantization (the LUT operators' input path) uses the same table
+    xm = x[: x.numel() // 8 * 8].reshape(-1, 8)
+    w = torch.randn(3, 8, generator=g)
+    wp = dnateq.exp_pack(dnateq.exp_quantize(w, alpha, S, abs(beta), bits, rounding), bits, True)
+    args = (wp, list(w.shape), alpha, S, beta, S, abs(beta), bits, True, True, rounding, None)
+    torch.testing.assert_close(dnateq.exp_linear_lut(xm, *args),
+                               ref.exp_linear_lut(xm, *args), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_bucket_path_rejects_non_finite(bad):
+    g = gen(7)
+    alpha, S, beta = random_params(4, g=g)
+    x = torch.randn(1 << 16, generator=g)
+    x[12345] = bad
+    with pytest.raises(RuntimeError, match="non-finite"):
+        dnateq.exp_quantize(x, alpha, S, beta, 4)
+    with pytest.raises(RuntimeError, match="non-finite"):
+        dnateq.exp_quantize(x[:-5], alpha, S, beta, 4)       # the scalar tail too

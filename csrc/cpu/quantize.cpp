@@ -8,6 +8,7 @@
 
 #include "../checks.h"
 #include "../ops.h"
+#include "bucket_encoder.h"
 #include "cpu_kernels.h"
 
 namespace dnateq {
@@ -136,12 +137,23 @@ at::Tensor fake_quantize_to_float(const at::Tensor& x_in, const ExpTables& t,
   at::Tensor out = at::empty(x.sizes(), x.options().dtype(at::kFloat));
   float* o = out.data_ptr<float>();
   std::atomic<bool> ok{true};
+  BucketEncoder enc;
+  if (x.numel() >= kBucketMinElements) build_bucket_encoder(t, enc);
+  const bool direct = enc.ok && x.scalar_type() == at::kFloat;
   at::parallel_for(0, x.numel(), 16 * kBlock, [&](int64_t b0, int64_t b1) {
+    if (direct) {
+      if (!bucket_encode_levels(enc, x.const_data_ptr<float>() + b0, b1 - b0, o + b0)) {
+        ok = false;
+      }
+      return;
+    }
     float buf[kBlock];
     for (int64_t s = b0; s < b1; s += kBlock) {
       const int64_t n = std::min(kBlock, b1 - s);
       load_as_float(x, s, n, buf);
-      if (!fake_quantize_block(buf, n, t, o + s)) ok = false;
+      const bool good = enc.ok ? bucket_encode_levels(enc, buf, n, o + s)
+                               : fake_quantize_block(buf, n, t, o + s);
+      if (!good) ok = false;
     }
   });
   TORCH_CHECK(ok.load(), "dnateq: ", arg,
@@ -162,13 +174,27 @@ at::Tensor exp_quantize(const at::Tensor& x_in, double alpha, double scale,
   at::Tensor out = at::empty(x.sizes(), x.options().dtype(at::kChar));
   int8_t* o = out.data_ptr<int8_t>();
   std::atomic<bool> ok{true};
+  // Large tensors: the bucket table (one lookup per element, exact); small
+  // ones or dense thresholds: the counting comparator.
+  detail::BucketEncoder enc;
+  if (x.numel() >= detail::kBucketMinElements) detail::build_bucket_encoder(t, enc);
+  const bool direct = enc.ok && x.scalar_type() == at::kFloat;
   at::parallel_for(0, x.numel(), 16 * detail::kBlock,
                    [&](int64_t b0, int64_t b1) {
+    if (direct) {
+      if (!detail::bucket_encode_codes(enc, x.const_data_ptr<float>() + b0, b1 - b0,
+                                       o + b0)) {
+        ok = false;
+      }
+      return;
+    }
     float buf[detail::kBlock];
     for (int64_t s = b0; s < b1; s += detail::kBlock) {
       const int64_t n = std::min(detail::kBlock, b1 - s);
       detail::load_as_float(x, s, n, buf);
-      if (!detail::encode_block(buf, n, t, o + s)) ok = false;
+      const bool good = enc.ok ? detail::bucket_encode_codes(enc, buf, n, o + s)
+                               : detail::encode_block(buf, n, t, o + s);
+      if (!good) ok = false;
     }
   });
   TORCH_CHECK(ok.load(),

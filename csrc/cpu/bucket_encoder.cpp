@@ -1,0 +1,196 @@
+// The bucket-table quantizer (see bucket_encoder.h): table construction, a
+// portable scalar loop, and an AVX2 loop chosen at run time.
+#include "bucket_encoder.h"
+
+#include <algorithm>
+#include <cfloat>
+#include <cstring>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define DNATEQ_X86 1
+#endif
+
+namespace dnateq {
+namespace cpu {
+namespace detail {
+
+namespace {
+
+inline uint32_t float_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  return u;
+}
+
+// Every finite or infinite non-negative pattern, and NaN, below 2^31.
+constexpr uint32_t kAbsMask = 0x7fffffffu;
+constexpr uint32_t kInfBits = 0x7f800000u;
+
+bool try_build(const ExpTables& t, int shift, BucketEncoder& enc) {
+  const uint32_t n_buckets = (kAbsMask >> shift) + 1;
+  const uint32_t none = 1u << shift;  // larger than any low-bit pattern
+  // Thresholds <= 0 are below every magnitude: a constant part of the count.
+  int below = 0;
+  std::vector<uint32_t> pos;  // bit patterns of the positive thresholds
+  pos.reserve(t.n_thr);
+  for (int k = 0; k < t.n_thr; ++k) {
+    const float th = t.thresholds[k];
+    if (th <= 0.f) ++below; else pos.push_back(float_bits(th));
+  }
+  // Sorted already (thresholds are non-decreasing); two in one bucket fail.
+  for (size_t i = 1; i < pos.size(); ++i) {
+    if ((pos[i] >> shift) == (pos[i - 1] >> shift)) return false;
+  }
+  enc.table.assign(n_buckets, 0);
+  uint32_t b = 0;
+  int count = below;
+  for (size_t i = 0; i <= pos.size(); ++i) {
+    const uint32_t end = i < pos.size() ? (pos[i] >> shift) : n_buckets;
+    // Buckets strictly between thresholds: `count` thresholds below, none inside.
+    std::fill(enc.table.begin() + b, enc.table.begin() + end,
+              (static_cast<uint32_t>(count) << 24) | none);
+    if (i == pos.size()) break;
+    enc.table[end] = (static_cast<uint32_t>(count) << 24) | (pos[i] & (none - 1));
+    ++count;
+    b = end + 1;
+  }
+  enc.shift = shift;
+  enc.low_mask = none - 1;
+  enc.ok = true;
+  return true;
+}
+
+inline int scalar_biased(const BucketEncoder& enc, uint32_t m) {
+  const uint32_t e = enc.table[m >> enc.shift];
+  return 1 + static_cast<int>(e >> 24) + ((m & enc.low_mask) >= (e & 0xffffffu) ? 1 : 0);
+}
+
+template <bool kLevels, typename Out>
+bool scalar_loop(const BucketEncoder& enc, const float* x, int64_t n, Out* out) {
+  bool good = true;
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t u = float_bits(x[i]);
+    const uint32_t m = u & kAbsMask;
+    good &= m < kInfBits;
+    const int b = scalar_biased(enc, m);
+    const bool neg = (u >> 31) != 0;
+    if (kLevels) {
+      const float lv = enc.t->levels[b];
+      out[i] = m == 0 ? 0.f : (neg ? -lv : lv);
+    } else {
+      out[i] = static_cast<int8_t>(m == 0 ? 0 : (neg ? (b | kSignBit) : b));
+    }
+  }
+  return good;
+}
+
+#ifdef DNATEQ_X86
+// 8 lanes: biased exponents (int32) of the magnitudes `m`.
+__attribute__((target("avx2"))) inline __m256i biased8(const uint32_t* table, __m256i m,
+                                                     __m128i shift, __m256i low_mask) {
+  const __m256i idx = _mm256_srl_epi32(m, shift);
+  const __m256i e = _mm256_i32gather_epi32(reinterpret_cast<const int*>(table), idx, 4);
+  const __m256i base = _mm256_srli_epi32(e, 24);
+  const __m256i thr_low = _mm256_and_si256(e, _mm256_set1_epi32(0xffffff));
+  const __m256i low = _mm256_and_si256(m, low_mask);
+  // low >= thr_low  <=>  !(thr_low > low); both are non-negative int32.
+  const __m256i lt = _mm256_cmpgt_epi32(thr_low, low);  // -1 where below
+  // 1 + base + (low >= thr_low) = 2 + base + lt
+  return _mm256_add_epi32(_mm256_add_epi32(base, _mm256_set1_epi32(2)), lt);
+}
+
+__attribute__((target("avx2"))) bool avx2_codes(const BucketEncoder& enc, const float* x,
+                                                int64_t n, int8_t* out) {
+  const __m128i shift = _mm_cvtsi32_si128(enc.shift);
+  const __m256i low_mask = _mm256_set1_epi32(static_cast<int>(enc.low_mask));
+  const __m256i abs_mask = _mm256_set1_epi32(static_cast<int>(kAbsMask));
+  const __m256i inf_bits = _mm256_set1_epi32(static_cast<int>(kInfBits - 1));
+  const __m256i zero = _mm256_setzero_si256();
+  const __m256i k128 = _mm256_set1_epi32(128);
+  // packs interleave 128-bit halves; this restores element order.
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  __m256i bad = zero;
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    __m256i c[4];
+    for (int j = 0; j < 4; ++j) {
+      const __m256i u = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i + 8 * j));
+      const __m256i m = _mm256_and_si256(u, abs_mask);
+      bad = _mm256_or_si256(bad, _mm256_cmpgt_epi32(m, inf_bits));
+      const __m256i b = biased8(enc.table.data(), m, shift, low_mask);
+      // int8 code as a signed value: b, or b - 128 (sign bit set); 0 for zero.
+      const __m256i neg = _mm256_srai_epi32(u, 31);
+      const __m256i v = _mm256_sub_epi32(b, _mm256_and_si256(neg, k128));
+      c[j] = _mm256_andnot_si256(_mm256_cmpeq_epi32(m, zero), v);
+    }
+    const __m256i p01 = _mm256_packs_epi32(c[0], c[1]);
+    const __m256i p23 = _mm256_packs_epi32(c[2], c[3]);
+    const __m256i p = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(p01, p23), order);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), p);
+  }
+  const bool good = _mm256_testz_si256(bad, bad) != 0;
+  return scalar_loop<false>(enc, x + i, n - i, out + i) && good;
+}
+
+__attribute__((target("avx2"))) bool avx2_levels(const BucketEncoder& enc, const float* x,
+                                                 int64_t n, float* out) {
+  const __m128i shift = _mm_cvtsi32_si128(enc.shift);
+  const __m256i low_mask = _mm256_set1_epi32(static_cast<int>(enc.low_mask));
+  const __m256i abs_mask = _mm256_set1_epi32(static_cast<int>(kAbsMask));
+  const __m256i inf_bits = _mm256_set1_epi32(static_cast<int>(kInfBits - 1));
+  const __m256i sign_mask = _mm256_set1_epi32(static_cast<int>(0x80000000u));
+  const __m256i zero = _mm256_setzero_si256();
+  __m256i bad = zero;
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256i u = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i));
+    const __m256i m = _mm256_and_si256(u, abs_mask);
+    bad = _mm256_or_si256(bad, _mm256_cmpgt_epi32(m, inf_bits));
+    const __m256i b = biased8(enc.table.data(), m, shift, low_mask);
+    const __m256 lv = _mm256_i32gather_ps(enc.t->levels, b, 4);
+    // negate the level for negative x (xor: levels may be negative for beta < 0);
+    // exact zero stays zero
+    __m256i v = _mm256_xor_si256(_mm256_castps_si256(lv), _mm256_and_si256(u, sign_mask));
+    v = _mm256_andnot_si256(_mm256_cmpeq_epi32(m, zero), v);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), v);
+  }
+  const bool good = _mm256_testz_si256(bad, bad) != 0;
+  return scalar_loop<true>(enc, x + i, n - i, out + i) && good;
+}
+
+bool have_avx2() {
+  static const bool yes = __builtin_cpu_supports("avx2");
+  return yes;
+}
+#endif
+
+}  // namespace
+
+void build_bucket_encoder(const ExpTables& t, BucketEncoder& enc) {
+  enc.ok = false;
+  enc.t = &t;
+  // shift 19: 4 mantissa bits, 4096 entries (16 KB) ... shift 16: 32768 (128 KB)
+  for (int shift = 19; shift >= 16; --shift) {
+    if (try_build(t, shift, enc)) return;
+  }
+  enc.table.clear();
+}
+
+bool bucket_encode_codes(const BucketEncoder& enc, const float* x, int64_t n, int8_t* out) {
+#ifdef DNATEQ_X86
+  if (have_avx2()) return avx2_codes(enc, x, n, out);
+#endif
+  return scalar_loop<false>(enc, x, n, out);
+}
+
+bool bucket_encode_levels(const BucketEncoder& enc, const float* x, int64_t n, float* out) {
+#ifdef DNATEQ_X86
+  if (have_avx2()) return avx2_levels(enc, x, n, out);
+#endif
+  return scalar_loop<true>(enc, x, n, out);
+}
+
+}  // namespace detail
+}  // namespace cpu
+}  // namespace dnateq
