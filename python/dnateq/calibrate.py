@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 import math
+import time
 import warnings
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
@@ -507,6 +508,7 @@ def quantize(model: nn.Module, loader: Iterable, *,
     mha_names, cands, skipped = select_layers(work, layers, skip)
 
     # 2. Traces.
+    clock = [time.perf_counter()]
     tr = trace_layers(work, cands, loader, calib_batches=calib_batches,
                       sample_size=sample_size, seed=seed, progress=progress,
                       keep_inputs=int(eval_batches) if eval_fn is None else 0,
@@ -519,6 +521,8 @@ def quantize(model: nn.Module, loader: Iterable, *,
     if not qnames:
         raise ValueError("dnateq.quantize: no quantizable layer was executed by the model "
                          "on the calibration batches")
+
+    clock.append(time.perf_counter())
 
     # 3. Per-layer tables.
     tables: Dict[str, Dict[str, Any]] = {}
@@ -543,6 +547,7 @@ def quantize(model: nn.Module, loader: Iterable, *,
         tables[n] = dict(rows=rows, rss_w=rss_w, rss_a=rss_a, start=start,
                          a_signed=traces[n].negative, kind=type(mod).__name__)
     traces.clear()
+    clock.append(time.perf_counter())
 
     first = qnames[0]
 
@@ -652,7 +657,12 @@ def quantize(model: nn.Module, loader: Iterable, *,
     if hasattr(bar, "close"):
         bar.close()
 
+    clock.append(time.perf_counter())
     info = dict(
+        # wall-clock seconds per phase (the search includes building the
+        # quantized layers and every evaluation)
+        timing=dict(trace=clock[1] - clock[0], tables=clock[2] - clock[1],
+                    search=clock[3] - clock[2], total=clock[3] - clock[0]),
         base_quality=base, quality=best_q, loss=base - best_q, threshold=best_thr,
         fallback=fallback, metric="eval_fn" if eval_fn is not None else "proxy",
         history=history, skipped=skipped, order=list(qnames), first_layer=first,
