@@ -16,6 +16,7 @@ from .calibrate import quantize  # noqa: E402
 from .report import Report, report  # noqa: E402
 from . import baselines  # noqa: E402  uniform INT-b baseline (paper Tables III/IV)
 from .persistence import DnateqFileError, load, save  # noqa: E402
+from . import analysis  # noqa: E402  distribution tables, layer errors, bit plots, threshold sweep
 
 __version__ = "0.1.0"
 
@@ -24,4 +25,5 @@ __all__ = [
     "exp_unpack", "exp_linear_count", "exp_conv2d_count", "exp_linear_lut",
     "exp_conv2d_lut", "exp_fit", "exp_error", "exp_errors", "weight_terms",
     "nn", "quantize", "report", "Report", "baselines", "save", "load", "DnateqFileError",
+    "analysis",
 ]
