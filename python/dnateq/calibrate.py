@@ -39,7 +39,7 @@ from .nn.uniform import UniformConv2d, UniformLinear
 _QUANTIZED = (ExpLinear, ExpConv2d, UniformLinear, UniformConv2d)
 
 __all__ = ["quantize", "exponential_rss", "batch_input", "INPUT_KEYS", "select_layers",
-           "trace_layers", "Traces", "move_modules"]
+           "trace_layers", "Traces", "move_modules", "choose_bits"]
 
 #: Keys tried, in order, to find the model input in a dict batch; when none is
 #: present the first tensor value of the dict is used.
@@ -377,6 +377,35 @@ def trace_layers(work: nn.Module, names: Sequence[str], loader: Iterable, *,
 # quantize
 # ---------------------------------------------------------------------------
 
+def choose_bits(tables: Dict[str, Dict[str, Any]], order: Sequence[str], thr: float,
+                bits: Sequence[int], first_layer_divisor: float,
+                act_threshold_scale) -> Dict[str, int]:
+    """The bit choice of SPEC section 3, item 4 for ``Thr_w = thr``, from
+    ``dnateq_info["tables"]``: per layer the lowest ``n`` whose RMAE of W and A
+    are within ``Thr_w`` and ``Thr_act``, else the largest; the first layer in
+    execution order uses ``thr / first_layer_divisor``. The same rule as
+    ``dnateq.quantize`` and :func:`dnateq.analysis.threshold_sweep` use."""
+    bits = sorted(bits)
+    first = order[0] if order else None
+    cfg: Dict[str, int] = {}
+    for n in order:
+        rows = tables[n]["rows"]
+        if act_threshold_scale == "auto":
+            r = rows[bits[0]]
+            scale = r["rmae_a"] / r["rmae_w"] if r["rmae_w"] > 0 else 1.0
+        else:
+            scale = float(act_threshold_scale)
+        tw = thr / first_layer_divisor if n == first else thr
+        ta = tw * scale
+        pick = bits[-1]
+        for b in bits:
+            if rows[b]["rmae_w"] <= tw and rows[b]["rmae_a"] <= ta:
+                pick = b
+                break
+        cfg[n] = pick
+    return cfg
+
+
 def quantize(model: nn.Module, loader: Iterable, *,
              eval_fn: Optional[Callable[[nn.Module], float]] = None,
              max_loss: float = 1.0,
@@ -551,25 +580,8 @@ def quantize(model: nn.Module, loader: Iterable, *,
 
     first = qnames[0]
 
-    def act_scale(n):
-        if act_threshold_scale == "auto":
-            r = tables[n]["rows"][bits[0]]
-            return r["rmae_a"] / r["rmae_w"] if r["rmae_w"] > 0 else 1.0
-        return act_threshold_scale
-
     def choose(thr: float) -> Dict[str, int]:
-        cfg = {}
-        for n in qnames:
-            tw = thr / first_layer_divisor if n == first else thr
-            ta = tw * act_scale(n)
-            pick = bits[-1]
-            for b in bits:
-                r = tables[n]["rows"][b]
-                if r["rmae_w"] <= tw and r["rmae_a"] <= ta:
-                    pick = b
-                    break
-            cfg[n] = pick
-        return cfg
+        return choose_bits(tables, qnames, thr, bits, first_layer_divisor, act_threshold_scale)
 
     # 4. Threshold loop.
     floats = {n: _get_module(work, n) for n in qnames}

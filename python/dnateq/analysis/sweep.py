@@ -20,7 +20,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import torch
 import torch.nn as nn
 
-from ..calibrate import (_disable_fast_paths, _first_tensor, _get_module, _model_device,
+from ..calibrate import (choose_bits, _disable_fast_paths, _first_tensor, _get_module, _model_device,
                          _progress, _set_module, _to_device, batch_input, proxy_quality,
                          quantize)
 from ..nn.modules import ExpConv2d, ExpLinear
@@ -120,35 +120,6 @@ class ThresholdSweep:
                   bbox_to_anchor=(0.5, -0.16))
         fig.tight_layout()
         return fig
-
-
-def choose_bits(tables: Dict[str, Dict[str, Any]], order: Sequence[str], thr: float,
-                bits: Sequence[int], first_layer_divisor: float,
-                act_threshold_scale) -> Dict[str, int]:
-    """The bit choice of SPEC section 3, item 4 for ``Thr_w = thr``, from
-    ``dnateq_info["tables"]``: per layer the lowest ``n`` whose RMAE of W and A
-    are within ``Thr_w`` and ``Thr_act``, else the largest; the first layer in
-    execution order uses ``thr / first_layer_divisor``. The same rule as
-    ``dnateq.quantize``'s (the tests check they agree)."""
-    bits = sorted(bits)
-    first = order[0] if order else None
-    cfg: Dict[str, int] = {}
-    for n in order:
-        rows = tables[n]["rows"]
-        if act_threshold_scale == "auto":
-            r = rows[bits[0]]
-            scale = r["rmae_a"] / r["rmae_w"] if r["rmae_w"] > 0 else 1.0
-        else:
-            scale = float(act_threshold_scale)
-        tw = thr / first_layer_divisor if n == first else thr
-        ta = tw * scale
-        pick = bits[-1]
-        for b in bits:
-            if rows[b]["rmae_w"] <= tw and rows[b]["rmae_a"] <= ta:
-                pick = b
-                break
-        cfg[n] = pick
-    return cfg
 
 
 def _check_thresholds(thresholds) -> List[float]:
