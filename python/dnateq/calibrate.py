@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 
 from . import ops
+from .eval import distributed as _dist
 from .nn.modules import ExpConv2d, ExpLinear, ExpMultiheadAttention, MODES, ROUNDINGS
 from .nn.uniform import UniformConv2d, UniformLinear
 
@@ -228,6 +229,12 @@ def proxy_quality(ref_outputs: Sequence[torch.Tensor], outputs: Sequence[torch.T
             rr = r.reshape(r.shape[0], -1) if r.dim() > 1 else r.reshape(1, -1)
             oo = o.reshape(rr.shape)
             cos.append(torch.nn.functional.cosine_similarity(rr, oo, dim=1, eps=1e-12))
+    if _dist.is_distributed():
+        # every rank holds its own held-out batches: the quality of the union
+        c = torch.cat(cos) if cos else torch.zeros(0)
+        agree, total, csum, cn = _dist.all_reduce_sum(
+            [agree, total, float(c.double().sum()), c.numel()]).tolist()
+        return 100.0 * agree / total if total else 100.0 * csum / cn
     if total:
         return 100.0 * agree / total
     return 100.0 * float(torch.cat(cos).mean())
@@ -322,7 +329,7 @@ def trace_layers(work: nn.Module, names: Sequence[str], loader: Iterable, *,
     model cannot take it, or activations are non-finite; messages start with
     ``who``, the progress bar with ``label``."""
     gen = torch.Generator()
-    gen.manual_seed(int(seed))
+    gen.manual_seed(int(seed) + _dist.rank())   # independent sampling keys per rank
     traces = {n: _Trace(sample_size, gen, who) for n in names}
     order: List[str] = []
     device = _model_device(work)
@@ -340,6 +347,7 @@ def trace_layers(work: nn.Module, names: Sequence[str], loader: Iterable, *,
     kept: List[Any] = []
     extra: List[Any] = []
     n_calib = 0
+    trace_error: Optional[BaseException] = None
     try:
         it = iter(loader)
         bar = _progress(it, progress, desc=f"{label}: tracing", total=int(calib_batches))
@@ -366,9 +374,18 @@ def trace_layers(work: nn.Module, names: Sequence[str], loader: Iterable, *,
                     extra.append(_to_device(batch_input(batch, who), device))
                     if len(extra) >= int(extra_inputs):
                         break
+    except Exception as e:
+        trace_error = e
     finally:
         for h in handles:
             h.remove()
+    # Under torchrun every rank traced its shard: fail together (no rank hangs
+    # in a collective), then merge into the trace of the union of the shards.
+    _dist.raise_if_any_failed(trace_error, f"{who} tracing")
+    if _dist.is_distributed():
+        n_calib = int(_dist.all_reduce_sum([n_calib], dtype=torch.int64)[0])
+        _dist.merge_traces(traces)
+        order = next((o for o in _dist.all_gather_objects(order) if o), order)
     if n_calib == 0:
         raise ValueError(f"{who}: the loader yielded no batch")
     return Traces(traces, order, n_calib, kept, extra)
