@@ -18,6 +18,7 @@ from . import baselines  # noqa: E402  uniform INT-b baseline (paper Tables III/
 from .persistence import DnateqFileError, load, save  # noqa: E402
 from . import analysis  # noqa: E402  distribution tables, layer errors, bit plots, threshold sweep
 from . import eval, models  # noqa: E402  evaluation pipelines (dnateq.eval), the paper's models
+from . import hw  # noqa: E402  energy / latency / area estimates against an INT8 accelerator
 
 __version__ = "0.1.0"
 
@@ -26,5 +27,5 @@ __all__ = [
     "exp_unpack", "exp_linear_count", "exp_conv2d_count", "exp_linear_lut",
     "exp_conv2d_lut", "exp_fit", "exp_error", "exp_errors", "weight_terms",
     "nn", "quantize", "report", "Report", "baselines", "save", "load", "DnateqFileError",
-    "analysis", "eval", "models",
+    "analysis", "eval", "models", "hw",
 ]

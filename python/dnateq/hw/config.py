@@ -1,0 +1,355 @@
+"""The one table of constants of the hardware cost model (SPEC section 8).
+
+Every number the model uses lives in :class:`HWConfig`, with its unit and its
+source. Three kinds of sources:
+
+- **Horowitz 2014**: M. Horowitz, "Computing's energy problem (and what we can
+  do about it)", ISSCC 2014 -- the published per-operation energies of a 45 nm
+  process (the figures the DNA-TEQ paper's operation-count view builds on).
+- **seed 000 / seed 001**: the DNA-TEQ evaluation section (16 PEs x 16 units,
+  300 MHz, 16 vaults x 10 GB/s, 2.5 KB SRAM per PE, 6 KB more per PE for the
+  Counter-Sets, 0.59 vs 0.78 mm2 in 32 nm) and the DNA-TEQ paper's hardware
+  unit (8 comparators, 8-bit counters, FP16 LUT of base powers).
+- **choice**: the seeds are silent (their synthesized figures were lost in
+  extraction); the value is ours, stated with its reasoning, and overridable.
+
+No technology scaling is applied: the energies are Horowitz's 45 nm figures
+and the areas the seed's 32 nm ones. The model's ratios (DNA-TEQ / INT8) are
+its point; absolute joules and seconds are order-of-magnitude estimates.
+
+Usage::
+
+    from dnateq.hw import DEFAULT_CONFIG
+    cfg = DEFAULT_CONFIG.replace(num_pes=64, vault_bandwidth_gbs=5.0)
+    print(cfg.to_markdown())        # every field, value, unit and source
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import numbers
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Optional
+
+__all__ = ["HWConfig", "DEFAULT_CONFIG", "as_config", "SOURCES"]
+
+_HOROWITZ = "Horowitz 2014 (ISSCC, 45 nm)"
+_SEED0 = "seed 000 (DNA-TEQ evaluation)"
+_SEED1 = "seed 001 (DNA-TEQ paper, Sec. III-C)"
+_SPEC = "SPEC section 1"
+_CHOICE = "choice"
+
+#: Full references of the short source names used in the table.
+SOURCES: Dict[str, str] = {
+    _HOROWITZ: "M. Horowitz, 'Computing's energy problem (and what we can do about it)', "
+               "IEEE ISSCC 2014, pp. 10-14; energies of a 45 nm process at 0.9 V.",
+    _SEED0: "DNA-TEQ, Sec. VI (later version): 3D-stacked accelerator vs INT8 baseline, "
+            "16 PEs, 16 MAC/Counter-Set units per PE, 300 MHz, 16 vaults x 10 GB/s, "
+            "about 2.5 KB SRAM per PE, +6 KB per PE for DNA-TEQ; 0.59 vs 0.78 mm2 "
+            "(Counter-Sets 0.32 mm2, MACs 0.67 mm2) in 32 nm.",
+    _SEED1: "DNA-TEQ, Sec. III-C: quantization unit with 8 comparators, Array Counters "
+            "with 8-bit entries, FP16 LUT of base powers, three pipeline stages.",
+    _SPEC: "dnateq SPEC section 1: packed codes take n + 1 bits when signed, n when not.",
+    _CHOICE: "our choice where the seeds are silent; the reasoning is in the field's doc.",
+}
+
+# Area figures of seed 000 (32 nm, 16 PEs x 16 units): the whole DNA-TEQ logic
+# die 0.59 mm2, the INT8 baseline 0.78 mm2, all Counter-Sets 0.32 mm2, all MACs
+# 0.67 mm2; DNA-TEQ has 6 KB more SRAM per PE. The seed breaks nothing else
+# down, so the model attributes the whole difference of the non-MAC /
+# non-Counter-Set parts, (0.59 - 0.32) - (0.78 - 0.67) = 0.16 mm2, to those
+# 16 x 6 KB of SRAM, and the baseline's remainder after its 16 x 2.5 KB to
+# per-PE logic both designs share. With these, the default configuration
+# reproduces the seed's 0.78 and 0.59 mm2 exactly.
+_SEED_UNITS = 16 * 16
+_AREA_SRAM_MM2_PER_KB = ((0.59 - 0.32) - (0.78 - 0.67)) / (16 * 6.0)
+_AREA_PE_OTHER_MM2 = ((0.78 - 0.67) - 16 * 2.5 * _AREA_SRAM_MM2_PER_KB) / 16
+
+
+def _f(default, unit: str, source: str, doc: str, kind: str = "float", lo: float = 0.0,
+       lo_open: bool = False, hi: Optional[float] = None):
+    """A config field with its documentation and validation rule in metadata.
+
+    ``kind``: "int" (integral), "float" or "bool"; values must be ``>= lo``
+    (``> lo`` when ``lo_open``) and ``<= hi`` when given."""
+    return field(default=default, metadata=dict(unit=unit, source=source, doc=doc, kind=kind,
+                                                 lo=lo, lo_open=lo_open, hi=hi))
+
+
+@dataclass(frozen=True)
+class HWConfig:
+    """Constants of the DNA-TEQ vs INT8 accelerator cost model (analytical estimate).
+
+    Immutable and validated on construction: a bad value raises ``TypeError``
+    (not a number / not a bool) or ``ValueError`` (out of range), naming the
+    field, what it expects and what it got. ``replace(**overrides)`` returns a
+    validated copy (an unknown field name is a ``ValueError`` that suggests the
+    closest one); ``to_dict()`` / ``from_dict()`` round-trip; ``to_markdown()``
+    prints the table. The field list with units and sources follows (generated
+    from each field's metadata, the single source of truth).
+    """
+
+    # -- architecture (seed 000 unless marked) -----------------------------------
+    num_pes: int = _f(16, "PEs", _SEED0,
+                      "processing elements (one per vault: 4 x 4 vaults and PEs)",
+                      kind="int", lo=1)
+    units_per_pe: int = _f(16, "units", _SEED0,
+                           "MAC units (INT8) or Counter-Set units (DNA-TEQ) per PE; each "
+                           "takes one multiply-accumulate / one counting step per cycle",
+                           kind="int", lo=1)
+    frequency_mhz: float = _f(300.0, "MHz", _SEED0, "clock of the logic die", lo_open=True)
+    num_vaults: int = _f(16, "vaults", _SEED0, "3D-stacked DRAM vaults feeding the PEs",
+                         kind="int", lo=1)
+    vault_bandwidth_gbs: float = _f(10.0, "GB/s per vault (1e9 B/s)", _SEED0,
+                                    "internal bandwidth of one vault; the model uses the "
+                                    "aggregate num_vaults x this", lo_open=True)
+    sram_kb_per_pe: float = _f(2.5, "KiB per PE", _SEED0,
+                               "on-chip data buffer of a PE (inputs, outputs, weights)",
+                               lo_open=True)
+    counter_sram_bytes_per_unit: float = _f(
+        384.0, "B per Counter-Set", _SEED0,
+        "Array-Counter SRAM of one DNA-TEQ unit: the seed's 6 KB more per PE over 16 units "
+        "(area only; it holds counts, not data)")
+    resident_fraction: float = _f(
+        0.5, "fraction", _CHOICE,
+        "share of a PE's data buffer that keeps the reused operand (a group's weights or a "
+        "position's inputs) across tiles; the rest double-buffers the streamed operand and "
+        "the outputs", lo_open=True, hi=1.0)
+    fp_units_per_unit: int = _f(
+        1, "FP16 mul+add per unit", _CHOICE,
+        "FP16 multiply-add units beside each MAC / Counter-Set for post-processing (DNA-TEQ: "
+        "count x LUT products, coefficients) and de-quantization (INT8); the same number in "
+        "both designs, as the seed's fair comparison keeps the FP multipliers equal",
+        kind="int", lo=1)
+    quant_comparators: int = _f(
+        8, "comparators", _SEED1,
+        "comparators of the DNA-TEQ quantization unit; each round compares against that "
+        "many sorted thresholds and narrows the interval (n = 3 takes one round)",
+        kind="int", lo=1)
+    counter_bits: int = _f(8, "bits", _SEED1,
+                           "width of an Array-Counter entry (the paper's 8 bits)",
+                           kind="int", lo=1, hi=64)
+    accumulator_bits: int = _f(32, "bits", _CHOICE,
+                               "accumulator register of an INT8 MAC (products are 16-bit; "
+                               "sums of thousands need 32)", kind="int", lo=1, hi=64)
+    param_bits: int = _f(16, "bits", _SEED1,
+                         "FP16 storage of LUT entries (alpha^k), quantization thresholds, "
+                         "scales, coefficients and biases", kind="int", lo=1, hi=64)
+    output_bits: int = _f(16, "bits", _SEED1,
+                          "storage of activations no quantized layer consumes: the network "
+                          "output and the Q/K/V projections' outputs (the attention core "
+                          "takes FP16)", kind="int", lo=1, hi=64)
+    count_sign_bit: bool = _f(True, "bool", _SPEC,
+                              "True: a signed DNA-TEQ tensor moves n + 1 bits per element "
+                              "(the packed format); False: the paper's n-only convention",
+                              kind="bool")
+    skip_empty_bins: bool = _f(False, "bool", _CHOICE,
+                               "post-process at most K bins per term (a dot product of length "
+                               "K fills at most K bins); False: every bin, as the paper's LUT "
+                               "walk", kind="bool")
+
+    # -- energy per operation (pJ) -------------------------------------------------
+    e_int8_mul_pj: float = _f(0.2, "pJ", _HOROWITZ, "8-bit integer multiply")
+    e_int8_add_pj: float = _f(0.03, "pJ", _HOROWITZ,
+                              "8-bit integer add; the (n+1)-bit exponent adder is charged "
+                              "(n+1)/8 of it, a counter increment counter_bits/8 of it")
+    e_int32_add_pj: float = _f(0.1, "pJ", _HOROWITZ,
+                               "32-bit integer add (INT8 accumulation; C4 from the C2 bins)")
+    e_fp16_mul_pj: float = _f(1.1, "pJ", _HOROWITZ,
+                              "FP16 multiply (Eq. 8 coefficients, de/quantization scales)")
+    e_fp16_add_pj: float = _f(0.4, "pJ", _HOROWITZ, "FP16 add (post-processing sums, bias)")
+    e_count_lut_mul_pj: float = _f(
+        0.3, "pJ", _CHOICE,
+        "one count x LUT product of the post-processing: a counter_bits-wide integer times an "
+        "FP16 alpha^k needs only an 8 x 11-bit mantissa multiply (the exponent passes "
+        "through): Horowitz's 8-bit multiply (0.2 pJ) scaled by 11/8, rounded up")
+    e_compare_pj: float = _f(0.05, "pJ", _CHOICE,
+                             "one FP16 threshold comparison: a 16-bit magnitude compare is a "
+                             "16-bit integer subtraction, between Horowitz's 8-bit (0.03) and "
+                             "32-bit (0.1) adds")
+    e_reg_pj_per_byte: float = _f(
+        0.025, "pJ/B", _CHOICE,
+        "read or write of one byte of a register / small latch bank (accumulators, counter "
+        "entries, LUT and threshold entries): about 3 fJ per bit, well below a byte of the "
+        "smallest SRAM in Horowitz's table (1.25 pJ/B)")
+    e_sram_pj_per_byte: float = _f(1.25, "pJ/B", _HOROWITZ,
+                                   "PE data buffer access: Horowitz's 8 KB SRAM, 10 pJ per "
+                                   "64-bit access (an upper figure for a 2.5 KB buffer)")
+    e_dram_pj_per_bit: float = _f(
+        4.0, "pJ/bit", _CHOICE,
+        "3D-stacked DRAM access inside the stack (no off-package I/O): below Horowitz's "
+        "10 pJ/bit floor for DRAM with improved off-chip I/O, the order HMC-class stacks "
+        "are credited with")
+    static_mw_per_mm2: float = _f(
+        20.0, "mW/mm2", _CHOICE,
+        "leakage of the logic die per mm2 of modelled area (low-power 28/32 nm order); "
+        "static energy = this x area x latency, so faster designs save it (set 0 to drop)")
+
+    # -- area (seed 000, 32 nm) ----------------------------------------------------
+    area_mac_um2: float = _f(0.67e6 / _SEED_UNITS, "um2", _SEED0,
+                             "one INT8 MAC unit: the seed's 0.67 mm2 of MACs over 16 x 16",
+                             lo_open=True)
+    area_counter_set_um2: float = _f(0.32e6 / _SEED_UNITS, "um2", _SEED0,
+                                     "one Counter-Set: the seed's 0.32 mm2 over 16 x 16",
+                                     lo_open=True)
+    area_sram_mm2_per_kb: float = _f(
+        _AREA_SRAM_MM2_PER_KB, "mm2/KiB", _SEED0 + ", derived",
+        "SRAM area: the seed's non-unit area difference (0.59-0.32)-(0.78-0.67) = 0.16 mm2 "
+        "over its 16 x 6 KB of extra Counter-Set SRAM")
+    area_pe_other_mm2: float = _f(
+        _AREA_PE_OTHER_MM2, "mm2 per PE", _SEED0 + ", derived",
+        "per-PE logic both designs share (control, (de)quantization, FP units): the "
+        "baseline's 0.78 - 0.67 mm2 less its 16 x 2.5 KB SRAM, over 16 PEs")
+
+    # -------------------------------------------------------------------------
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            object.__setattr__(self, f.name, _check_field(f, getattr(self, f.name)))
+
+    # -- derived quantities --------------------------------------------------------
+    @property
+    def bandwidth_bytes_per_s(self) -> float:
+        """Aggregate DRAM bandwidth, bytes per second."""
+        return self.num_vaults * self.vault_bandwidth_gbs * 1e9
+
+    @property
+    def frequency_hz(self) -> float:
+        return self.frequency_mhz * 1e6
+
+    @property
+    def sram_bytes_per_pe(self) -> float:
+        return self.sram_kb_per_pe * 1024.0
+
+    def area_mm2(self, design: str) -> float:
+        """Logic-die area of ``design`` ("int8" or "dnateq"), mm2: per PE, the units,
+        the data buffer (plus the Counter-Set SRAM for DNA-TEQ) and the shared logic."""
+        u = self.units_per_pe
+        if design == "int8":
+            unit = u * self.area_mac_um2 * 1e-6
+            sram_kb = self.sram_kb_per_pe
+        elif design == "dnateq":
+            unit = u * self.area_counter_set_um2 * 1e-6
+            sram_kb = self.sram_kb_per_pe + u * self.counter_sram_bytes_per_unit / 1024.0
+        else:
+            raise ValueError(f"dnateq.hw: design must be 'int8' or 'dnateq', got {design!r}")
+        return self.num_pes * (unit + sram_kb * self.area_sram_mm2_per_kb
+                               + self.area_pe_other_mm2)
+
+    # -- copies and views ----------------------------------------------------------
+    def replace(self, **overrides: Any) -> "HWConfig":
+        """A validated copy with ``overrides`` (field names of this class)."""
+        _check_names(overrides, "HWConfig.replace")
+        return dataclasses.replace(self, **overrides)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "HWConfig":
+        if not isinstance(d, Mapping):
+            raise TypeError(f"dnateq.hw: HWConfig.from_dict expects a mapping, got "
+                            f"{type(d).__name__}")
+        _check_names(d, "HWConfig.from_dict")
+        return cls(**dict(d))
+
+    @staticmethod
+    def fields_table() -> List[Dict[str, Any]]:
+        """One dict per field: name, default, unit, source, doc."""
+        out = []
+        for f in dataclasses.fields(HWConfig):
+            md = f.metadata
+            out.append(dict(name=f.name, default=f.default, unit=md["unit"],
+                            source=md["source"], doc=md["doc"]))
+        return out
+
+    def to_markdown(self) -> str:
+        """Every field with its value, unit, source and meaning."""
+        lines = ["| field | value | unit | source | meaning |", "|---|---|---|---|---|"]
+        for row in self.fields_table():
+            v = getattr(self, row["name"])
+            vs = f"{v:.6g}" if isinstance(v, float) else str(v)
+            lines.append(f"| {row['name']} | {vs} | {row['unit']} | {row['source']} | "
+                         f"{row['doc']} |")
+        lines.append("")
+        for k, v in SOURCES.items():
+            lines.append(f"- {k}: {v}")
+        return "\n".join(lines) + "\n"
+
+    def summary(self) -> str:
+        """One line: the architecture point."""
+        return (f"{self.num_pes} PEs x {self.units_per_pe} units, {self.frequency_mhz:g} MHz, "
+                f"{self.num_vaults} vaults x {self.vault_bandwidth_gbs:g} GB/s, "
+                f"{self.sram_kb_per_pe:g} KiB SRAM per PE")
+
+
+def _check_names(d: Mapping[str, Any], who: str) -> None:
+    names = [f.name for f in dataclasses.fields(HWConfig)]
+    for k in d:
+        if k not in names:
+            close = difflib.get_close_matches(str(k), names, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"dnateq.hw: {who}: unknown HWConfig field {k!r}{hint}; "
+                             f"the fields are: {', '.join(names)}")
+
+
+def _check_field(f: "dataclasses.Field", v: Any) -> Any:
+    md = f.metadata
+    name = f"HWConfig.{f.name}"
+    what = f"(unit: {md['unit']})"
+    if md["kind"] == "bool":
+        if not isinstance(v, bool):
+            raise TypeError(f"dnateq.hw: {name} must be True or False, got {v!r} "
+                            f"({type(v).__name__})")
+        return v
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise TypeError(f"dnateq.hw: {name} must be a number {what}, got {v!r} "
+                        f"({type(v).__name__})")
+    fv = float(v)
+    if not math.isfinite(fv):
+        raise ValueError(f"dnateq.hw: {name} must be finite {what}, got {v!r}")
+    if md["kind"] == "int":
+        if fv != math.floor(fv):
+            raise ValueError(f"dnateq.hw: {name} must be an integer {what}, got {v!r}")
+        v = int(fv)
+    else:
+        v = fv
+    lo, hi = md["lo"], md["hi"]
+    if md["lo_open"] and not v > lo:
+        raise ValueError(f"dnateq.hw: {name} must be > {lo:g} {what}, got {v!r}")
+    if not md["lo_open"] and not v >= lo:
+        raise ValueError(f"dnateq.hw: {name} must be >= {lo:g} {what}, got {v!r}")
+    if hi is not None and v > hi:
+        raise ValueError(f"dnateq.hw: {name} must be <= {hi:g} {what}, got {v!r}")
+    return v
+
+
+def _field_doc() -> str:
+    lines = ["", "    Fields (name: default unit -- source -- meaning):", ""]
+    for row in HWConfig.fields_table():
+        d = row["default"]
+        ds = f"{d:.6g}" if isinstance(d, float) else str(d)
+        lines.append(f"    - ``{row['name']}``: {ds} {row['unit']} -- {row['source']} -- "
+                     f"{row['doc']}")
+    return "\n".join(lines) + "\n"
+
+
+HWConfig.__doc__ = (HWConfig.__doc__ or "") + _field_doc()
+
+#: The seed's accelerator (16 PEs x 16 units, 300 MHz, 16 vaults x 10 GB/s,
+#: 2.5 KiB SRAM per PE) with the documented per-operation energies and areas.
+DEFAULT_CONFIG = HWConfig()
+
+
+def as_config(config: Any, who: str) -> HWConfig:
+    """``None`` -> :data:`DEFAULT_CONFIG`; an :class:`HWConfig` as is; a mapping ->
+    ``DEFAULT_CONFIG.replace(**mapping)``; anything else is a ``TypeError``."""
+    if config is None:
+        return DEFAULT_CONFIG
+    if isinstance(config, HWConfig):
+        return config
+    if isinstance(config, Mapping):
+        _check_names(config, who)
+        return DEFAULT_CONFIG.replace(**dict(config))
+    raise TypeError(f"dnateq.hw: {who}: config must be None, an HWConfig or a dict of "
+                    f"HWConfig fields, got {type(config).__name__}")
