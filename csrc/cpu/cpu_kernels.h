@@ -89,6 +89,10 @@ inline void decode_row(const uint8_t* row, int64_t K, int b, const T* lut,
   }
 }
 
+// decode_row for float levels, vectorized where the CPU has AVX2.
+// `row_bytes` bounds the reads (the row's allocated bytes from `row`).
+void decode_row_float(const uint8_t* row, int64_t K, int64_t row_bytes, int b,
+                      const float* lut, float* out);
 
 // Unpacks + dequantizes a packed weight [rows, row_bytes] to float32
 // [rows, K] through the level table.

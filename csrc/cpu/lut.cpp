@@ -40,7 +40,8 @@ at::Tensor fused_gemv(const at::Tensor& xq, const at::Tensor& packed, int64_t N,
       double acc[kGemvMaxRows] = {0, 0, 0, 0};
       for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
         const int64_t len = std::min(kChunk, K - k0);
-        detail::decode_row(src + n * rb + (k0 / 32) * 4 * b, len, b, lut, wrow);
+        const int64_t off = (k0 / 32) * 4 * b;
+        detail::decode_row_float(src + n * rb + off, len, rb - off, b, lut, wrow);
         for (int64_t m = 0; m < M; ++m) {
           const float* xr = x + m * K + k0;
           float s = 0.f;

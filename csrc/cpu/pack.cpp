@@ -34,7 +34,7 @@ at::Tensor decode_packed_to_float(const at::Tensor& packed_in, int64_t rows,
   float* dst = out.data_ptr<float>();
   at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1)),
                    [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) decode_row(src + r * rb, K, b, lut, dst + r * K);
+    for (int64_t r = r0; r < r1; ++r) decode_row_float(src + r * rb, K, rb, b, lut, dst + r * K);
   });
   return out;
 }

@@ -1,0 +1,120 @@
+// Packed row -> float levels with AVX2 (the LUT operators' weight decode).
+//
+// Why: the portable decoder (cpu_kernels.h) spends a few scalar shift, mask
+// and table-load instructions per weight, which made the weight decode a
+// visible share of exp_linear_lut next to the native GEMM. Eight b-bit fields
+// fill exactly b bytes, so each group of 8 starts on a byte: one 64-bit load,
+// two variable 64-bit shifts give the 8 fields, and register permutes (b <= 5)
+// or one gather (b >= 6) read their levels. Same values as the portable decoder (tested against exp_unpack +
+// exp_dequantize).
+#include <algorithm>
+#include <cstring>
+
+#include "cpu_kernels.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define DNATEQ_X86 1
+#endif
+
+namespace dnateq {
+namespace cpu {
+namespace detail {
+
+namespace {
+
+// Field i of a row of `row_bytes` bytes, reading only inside the row.
+inline uint32_t field_at(const uint8_t* row, int64_t row_bytes, int64_t i, int b) {
+  const int64_t bit = i * b, byte = bit >> 3;
+  uint64_t v = 0;
+  std::memcpy(&v, row + byte, static_cast<size_t>(std::min<int64_t>(8, row_bytes - byte)));
+  return static_cast<uint32_t>((v >> (bit & 7)) & ((1u << b) - 1u));
+}
+
+#ifdef DNATEQ_X86
+// Levels of 8 fields. Tables of up to 32 entries (b <= 5, the common widths)
+// stay in registers: 8-entry slices looked up with vpermps and merged on
+// bits 3 and 4 of the field; wider tables use a gather.
+template <int B>
+__attribute__((target("avx2"))) inline __m256 lookup8(const float* lut, __m256i idx,
+                                                    const __m256* t) {
+  if constexpr (B <= 3) {
+    return _mm256_permutevar8x32_ps(t[0], idx);
+  } else if constexpr (B == 4) {
+    const __m256 bit3 = _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28));
+    return _mm256_blendv_ps(_mm256_permutevar8x32_ps(t[0], idx),
+                            _mm256_permutevar8x32_ps(t[1], idx), bit3);
+  } else if constexpr (B == 5) {
+    const __m256 bit3 = _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28));
+    const __m256 bit4 = _mm256_castsi256_ps(_mm256_slli_epi32(idx, 27));
+    const __m256 q0 = _mm256_blendv_ps(_mm256_permutevar8x32_ps(t[0], idx),
+                                       _mm256_permutevar8x32_ps(t[1], idx), bit3);
+    const __m256 q1 = _mm256_blendv_ps(_mm256_permutevar8x32_ps(t[2], idx),
+                                       _mm256_permutevar8x32_ps(t[3], idx), bit3);
+    return _mm256_blendv_ps(q0, q1, bit4);
+  } else {
+    return _mm256_i32gather_ps(lut, idx, 4);
+  }
+}
+
+template <int B>
+__attribute__((target("avx2"))) void avx2_decode_b(const uint8_t* row, int64_t K,
+                                                   int64_t row_bytes, const float* lut,
+                                                   float* out) {
+  constexpr int b = B;
+  __m256 t[4];
+  for (int s = 0; s < 4; ++s) {
+    t[s] = (8 * s < (1 << B)) ? _mm256_loadu_ps(lut + 8 * s) : _mm256_setzero_ps();
+  }
+  const __m256i sh_lo = _mm256_setr_epi64x(0, b, 2 * b, 3 * b);
+  const __m256i sh_hi = _mm256_setr_epi64x(4 * b, 5 * b, 6 * b, 7 * b);
+  // low dword of each 64-bit lane: lanes 0,2,4,6
+  const __m256i pick_lo = _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6);
+  const __m256i mask = _mm256_set1_epi32((1 << b) - 1);
+  // Groups whose 8-byte load stays inside the row.
+  const int64_t safe = std::min<int64_t>(K / 8, row_bytes >= 8 ? (row_bytes - 8) / b + 1 : 0);
+  int64_t g = 0;
+  for (; g < safe; ++g) {
+    uint64_t v;
+    std::memcpy(&v, row + g * b, 8);
+    const __m256i vv = _mm256_set1_epi64x(static_cast<long long>(v));
+    const __m256i lo = _mm256_permutevar8x32_epi32(_mm256_srlv_epi64(vv, sh_lo), pick_lo);
+    const __m256i hi = _mm256_permutevar8x32_epi32(_mm256_srlv_epi64(vv, sh_hi), pick_lo);
+    const __m256i idx = _mm256_and_si256(_mm256_blend_epi32(lo, hi, 0xF0), mask);
+    _mm256_storeu_ps(out + 8 * g, lookup8<B>(lut, idx, t));
+  }
+  for (int64_t i = 8 * g; i < K; ++i) out[i] = lut[field_at(row, row_bytes, i, b)];
+}
+
+void avx2_decode(const uint8_t* row, int64_t K, int64_t row_bytes, int b, const float* lut,
+                 float* out) {
+  switch (b) {
+    case 2: return avx2_decode_b<2>(row, K, row_bytes, lut, out);
+    case 3: return avx2_decode_b<3>(row, K, row_bytes, lut, out);
+    case 4: return avx2_decode_b<4>(row, K, row_bytes, lut, out);
+    case 5: return avx2_decode_b<5>(row, K, row_bytes, lut, out);
+    case 6: return avx2_decode_b<6>(row, K, row_bytes, lut, out);
+    case 7: return avx2_decode_b<7>(row, K, row_bytes, lut, out);
+    default: return avx2_decode_b<8>(row, K, row_bytes, lut, out);
+  }
+}
+
+bool have_avx2() {
+  static const bool yes = __builtin_cpu_supports("avx2");
+  return yes;
+}
+#endif
+
+}  // namespace
+
+void decode_row_float(const uint8_t* row, int64_t K, int64_t row_bytes, int b,
+                      const float* lut, float* out) {
+#ifdef DNATEQ_X86
+  if (have_avx2()) return avx2_decode(row, K, row_bytes, b, lut, out);
+#endif
+  decode_row(row, K, b, lut, out);
+}
+
+}  // namespace detail
+}  // namespace cpu
+}  // namespace dnateq
