@@ -115,6 +115,22 @@ def test_transformer_with_split_attention_round_trip(tmp_path):
         assert torch.equal(q(data[0]), q2(data[0]))
 
 
+def test_model_built_with_split_attention_round_trip(tmp_path):
+    """A float model whose attention is already split (dnateq.models'
+    Transformer builds ExpMultiheadAttention itself) loads without re-splitting."""
+    torch.manual_seed(0)
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0,
+                                                           batch_first=True), 1,
+                                enable_nested_tensor=False).eval()
+    enc.layers[0].self_attn = dnateq.nn.ExpMultiheadAttention.from_float(enc.layers[0].self_attn)
+    data = [torch.randn(2, 5, 16, generator=gen(i)) for i in range(2)]
+    q = dnateq.quantize(enc, data, progress=False, bits=(4,), max_loss=100.0)
+    dnateq.save(q, tmp_path / "s.dnateq")
+    q2 = dnateq.load(tmp_path / "s.dnateq", enc)
+    with torch.no_grad():
+        assert torch.equal(q(data[0]), q2(data[0]))
+
+
 # -- bad files ---------------------------------------------------------------
 
 def _saved(tmp_path, quantized):

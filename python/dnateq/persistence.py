@@ -165,6 +165,8 @@ def load(path: PathLike, float_model: nn.Module) -> nn.Module:
     names = dict(work.named_modules())
     for n in blob["mha"]:
         m = names.get(n)
+        if isinstance(m, ExpMultiheadAttention):
+            continue   # the float model was built with split attention already
         if not isinstance(m, nn.MultiheadAttention):
             raise _mismatch(path, f"'{n}' should be nn.MultiheadAttention, found "
                                   f"{type(m).__name__ if m is not None else 'nothing'}")
