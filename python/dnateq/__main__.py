@@ -1,5 +1,10 @@
 """Command line.
 
+``python -m dnateq quantize``: calibrates a model (ResNet-50, AlexNet, the
+CIFAR ResNets, a Transformer translator) on ImageNet / CIFAR / translation
+data, evaluates float and quantized, saves the model and the report.
+``python -m dnateq eval``: top-1/top-5 or BLEU of a float or saved quantized
+model (see :mod:`dnateq.cli` for the options and what is measured on what).
 ``python -m dnateq demo``: quantizes a real model on real data that ship
 with the install (a CNN on scikit-learn's digits, see :mod:`dnateq.demo`)
 and prints the report. ``python -m dnateq ops``: a tour of the operators (the
@@ -9,13 +14,14 @@ run three ways that must agree).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
 import torch
 
 import dnateq
-from dnateq import reference
+from dnateq import cli, reference
 
 
 def _table(rows, header):
@@ -117,9 +123,18 @@ def main(argv=None) -> int:
     d.add_argument("--k", type=int, default=512)
     d.add_argument("--n", type=int, default=256)
     d.add_argument("--seed", type=int, default=0)
-    d.set_defaults(func=ops_tour)
+    d.set_defaults(func=ops_tour, _parser=d)
+    dm.set_defaults(_parser=dm)
+    cli.add_quantize_parser(sub)
+    cli.add_eval_parser(sub)
     args = ap.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except cli.CLIError as e:
+        prefix = ""
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            prefix = f"[rank {os.environ.get('RANK', '?')}] "
+        args._parser.error(prefix + str(e))   # usage message, exit status 2
 
 
 if __name__ == "__main__":
