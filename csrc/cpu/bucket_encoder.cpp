@@ -1,14 +1,14 @@
 // The bucket-table quantizer (see bucket_encoder.h): table construction, a
 // portable scalar loop, and an AVX2 loop chosen at run time.
 #include "bucket_encoder.h"
+#include "cpu_kernels.h"
 
 #include <algorithm>
 #include <cfloat>
 #include <cstring>
 
-#if defined(__x86_64__) || defined(_M_X64)
+#ifdef DNATEQ_X86
 #include <immintrin.h>
-#define DNATEQ_X86 1
 #endif
 
 namespace dnateq {
@@ -159,10 +159,6 @@ __attribute__((target("avx2"))) bool avx2_levels(const BucketEncoder& enc, const
   return scalar_loop<true>(enc, x + i, n - i, out + i) && good;
 }
 
-bool have_avx2() {
-  static const bool yes = __builtin_cpu_supports("avx2");
-  return yes;
-}
 #endif
 
 }  // namespace
@@ -179,14 +175,14 @@ void build_bucket_encoder(const ExpTables& t, BucketEncoder& enc) {
 
 bool bucket_encode_codes(const BucketEncoder& enc, const float* x, int64_t n, int8_t* out) {
 #ifdef DNATEQ_X86
-  if (have_avx2()) return avx2_codes(enc, x, n, out);
+  if (cpu_has_avx2()) return avx2_codes(enc, x, n, out);
 #endif
   return scalar_loop<false>(enc, x, n, out);
 }
 
 bool bucket_encode_levels(const BucketEncoder& enc, const float* x, int64_t n, float* out) {
 #ifdef DNATEQ_X86
-  if (have_avx2()) return avx2_levels(enc, x, n, out);
+  if (cpu_has_avx2()) return avx2_levels(enc, x, n, out);
 #endif
   return scalar_loop<true>(enc, x, n, out);
 }

@@ -12,9 +12,8 @@
 
 #include "cpu_kernels.h"
 
-#if defined(__x86_64__) || defined(_M_X64)
+#ifdef DNATEQ_X86
 #include <immintrin.h>
-#define DNATEQ_X86 1
 #endif
 
 namespace dnateq {
@@ -99,10 +98,6 @@ void avx2_decode(const uint8_t* row, int64_t K, int64_t row_bytes, int b, const 
   }
 }
 
-bool have_avx2() {
-  static const bool yes = __builtin_cpu_supports("avx2");
-  return yes;
-}
 #endif
 
 }  // namespace
@@ -110,7 +105,7 @@ bool have_avx2() {
 void decode_row_float(const uint8_t* row, int64_t K, int64_t row_bytes, int b,
                       const float* lut, float* out) {
 #ifdef DNATEQ_X86
-  if (have_avx2()) return avx2_decode(row, K, row_bytes, b, lut, out);
+  if (cpu_has_avx2()) return avx2_decode(row, K, row_bytes, b, lut, out);
 #endif
   decode_row(row, K, b, lut, out);
 }

@@ -3,14 +3,12 @@ predicates and the model preparation (MultiheadAttention split)."""
 from __future__ import annotations
 
 import copy
-import csv
-import io
-import math
 from typing import Any, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
+from .._table import cell as fmt, csv_text, markdown_table  # noqa: F401
 from ..calibrate import _disable_fast_paths, _get_module, _set_module
 from ..nn.modules import ExpConv2d, ExpLinear, ExpMultiheadAttention
 
@@ -18,37 +16,6 @@ from ..nn.modules import ExpConv2d, ExpLinear, ExpMultiheadAttention
 QUANTIZED_TYPES = (ExpLinear, ExpConv2d)
 #: Float module types that dnateq quantizes (SPEC section 3).
 FLOAT_TYPES = (nn.Linear, nn.Conv2d)
-
-
-def fmt(v: Any) -> str:
-    """One markdown cell: floats in 4 significant digits, None as blank."""
-    if v is None:
-        return ""
-    if isinstance(v, bool):
-        return "yes" if v else "no"
-    if isinstance(v, float):
-        if math.isinf(v) or math.isnan(v):
-            return str(v)
-        return f"{v:.4g}"
-    if isinstance(v, (list, tuple)):
-        return "x".join(str(s) for s in v)
-    return str(v)
-
-
-def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    for r in rows:
-        lines.append("| " + " | ".join(fmt(v) for v in r) + " |")
-    return "\n".join(lines)
-
-
-def csv_text(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(headers)
-    for r in rows:
-        w.writerow(["" if v is None else v for v in r])
-    return buf.getvalue()
 
 
 def check_positive_int(value: Any, name: str, fn: str, minimum: int = 1) -> int:
