@@ -29,7 +29,7 @@ else
 fi
 
 # Test / build dependencies, only those missing (pip leaves satisfied ones).
-want=(numpy scipy tqdm pytest matplotlib scikit-learn ninja nbclient nbformat
+want=(numpy scipy tqdm pytest matplotlib scikit-learn ninja nbclient nbformat sacrebleu
       ipykernel "setuptools>=64" wheel)
 missing=()
 for req in "${want[@]}"; do
