@@ -369,25 +369,10 @@ at::Tensor exp_conv2d_count(const at::Tensor& a_in, const at::Tensor& w_in,
                             at::IntArrayRef dilation, int64_t groups,
                             c10::optional<int64_t> counter_bits,
                             const c10::optional<at::Tensor>& w_terms_in) {
-  TORCH_CHECK(a_in.dim() == 4, "dnateq: a_codes must be 4-D [N, C, H, W], got shape ",
-              a_in.sizes());
-  TORCH_CHECK(w_in.dim() == 4, "dnateq: w_codes must be 4-D [O, C/groups, kh, kw], got shape ",
-              w_in.sizes());
-  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
-              "dnateq: stride, padding and dilation must have 2 elements");
-  TORCH_CHECK(stride[0] > 0 && stride[1] > 0, "dnateq: stride must be positive, got ", stride);
-  TORCH_CHECK(dilation[0] > 0 && dilation[1] > 0, "dnateq: dilation must be positive, got ", dilation);
-  TORCH_CHECK(padding[0] >= 0 && padding[1] >= 0, "dnateq: padding must be non-negative, got ", padding);
-  TORCH_CHECK(groups > 0, "dnateq: groups must be positive, got ", groups);
+  const auto [Ho, Wo] = check_conv_geometry(a_in.sizes(), w_in.sizes(), stride, padding,
+                                            dilation, groups, "a_codes", "w_codes");
   const int64_t Nb = a_in.size(0), C = a_in.size(1), H = a_in.size(2), Wd = a_in.size(3);
   const int64_t O = w_in.size(0), Cg = w_in.size(1), kh = w_in.size(2), kw = w_in.size(3);
-  TORCH_CHECK(C % groups == 0 && O % groups == 0 && Cg * groups == C,
-              "dnateq: w_codes shape ", w_in.sizes(), " does not match a_codes channels ",
-              C, " with groups=", groups);
-  const int64_t Ho = (H + 2 * padding[0] - dilation[0] * (kh - 1) - 1) / stride[0] + 1;
-  const int64_t Wo = (Wd + 2 * padding[1] - dilation[1] * (kw - 1) - 1) / stride[1] + 1;
-  TORCH_CHECK(Ho > 0 && Wo > 0, "dnateq: a_codes spatial size (", H, ", ", Wd,
-              ") is too small for kernel (", kh, ", ", kw, ") with this padding/dilation");
   const at::Tensor b = check_count_args(a_in, w_in, alpha, sa, ba, sw, bw,
                                                 bits, bias, counter_bits,
                                                 w_terms_in, O);

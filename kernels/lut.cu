@@ -182,11 +182,7 @@ at::Tensor exp_conv2d_lut(const at::Tensor& x, const at::Tensor& w_packed,
                           at::IntArrayRef stride, at::IntArrayRef padding,
                           at::IntArrayRef dilation, int64_t groups) {
   check_w_shape(w_shape, 4, "[O, C/groups, kh, kw] for a conv weight");
-  TORCH_CHECK(x.dim() == 4, "dnateq: x must be 4-D [N, C, H, W], got shape ", x.sizes());
-  TORCH_CHECK(groups > 0, "dnateq: groups must be positive, got ", groups);
-  TORCH_CHECK(x.size(1) == w_shape[1] * groups, "dnateq: x has ", x.size(1),
-              " channels but w_shape ", w_shape, " with groups=", groups, " expects ",
-              w_shape[1] * groups);
+  check_conv_geometry(x.sizes(), w_shape, stride, padding, dilation, groups, "x", "w_shape");
   const int64_t O = w_shape[0], K = w_shape[1] * w_shape[2] * w_shape[3];
   const LutArgs A = check_lut_args(
       x, w_packed, O, K, alpha, sa, ba, sw, bw, bits, w_signed, rounding, bias, O);
