@@ -131,33 +131,40 @@ bool fake_quantize_block(const float* x, int64_t n, const ExpTables& t,
   return ok;
 }
 
-at::Tensor fake_quantize_to_float(const at::Tensor& x_in, const ExpTables& t,
-                                  const char* arg) {
-  const at::Tensor x = x_in.contiguous();
-  at::Tensor out = at::empty(x.sizes(), x.options().dtype(at::kFloat));
-  float* o = out.data_ptr<float>();
-  std::atomic<bool> ok{true};
+// Encodes a contiguous tensor into `o`: large tensors through the bucket
+// table (straight from float32 input, or per block after widening half and
+// bfloat16), small ones or dense thresholds through the counting comparator.
+// Returns false if any input was non-finite.
+template <typename Out, typename BucketFn, typename BlockFn>
+bool encode_tensor(const at::Tensor& x, const ExpTables& t, Out* o, BucketFn bucket,
+                   BlockFn block) {
   BucketEncoder enc;
   if (x.numel() >= kBucketMinElements) build_bucket_encoder(t, enc);
   const bool direct = enc.ok && x.scalar_type() == at::kFloat;
+  std::atomic<bool> ok{true};
   at::parallel_for(0, x.numel(), 16 * kBlock, [&](int64_t b0, int64_t b1) {
     if (direct) {
-      if (!bucket_encode_levels(enc, x.const_data_ptr<float>() + b0, b1 - b0, o + b0)) {
-        ok = false;
-      }
+      if (!bucket(enc, x.const_data_ptr<float>() + b0, b1 - b0, o + b0)) ok = false;
       return;
     }
     float buf[kBlock];
     for (int64_t s = b0; s < b1; s += kBlock) {
       const int64_t n = std::min(kBlock, b1 - s);
       load_as_float(x, s, n, buf);
-      const bool good = enc.ok ? bucket_encode_levels(enc, buf, n, o + s)
-                               : fake_quantize_block(buf, n, t, o + s);
+      const bool good = enc.ok ? bucket(enc, buf, n, o + s) : block(buf, n, t, o + s);
       if (!good) ok = false;
     }
   });
-  TORCH_CHECK(ok.load(), "dnateq: ", arg,
-              " contains non-finite values (NaN or Inf)");
+  return ok.load();
+}
+
+at::Tensor fake_quantize_to_float(const at::Tensor& x_in, const ExpTables& t,
+                                  const char* arg) {
+  const at::Tensor x = x_in.contiguous();
+  at::Tensor out = at::empty(x.sizes(), x.options().dtype(at::kFloat));
+  const bool ok = encode_tensor(x, t, out.data_ptr<float>(), bucket_encode_levels,
+                                fake_quantize_block);
+  TORCH_CHECK(ok, "dnateq: ", arg, " contains non-finite values (NaN or Inf)");
   return out;
 }
 
@@ -172,32 +179,9 @@ at::Tensor exp_quantize(const at::Tensor& x_in, double alpha, double scale,
                       "scale", "offset");
   const at::Tensor x = x_in.contiguous();
   at::Tensor out = at::empty(x.sizes(), x.options().dtype(at::kChar));
-  int8_t* o = out.data_ptr<int8_t>();
-  std::atomic<bool> ok{true};
-  // Large tensors: the bucket table (one lookup per element, exact); small
-  // ones or dense thresholds: the counting comparator.
-  detail::BucketEncoder enc;
-  if (x.numel() >= detail::kBucketMinElements) detail::build_bucket_encoder(t, enc);
-  const bool direct = enc.ok && x.scalar_type() == at::kFloat;
-  at::parallel_for(0, x.numel(), 16 * detail::kBlock,
-                   [&](int64_t b0, int64_t b1) {
-    if (direct) {
-      if (!detail::bucket_encode_codes(enc, x.const_data_ptr<float>() + b0, b1 - b0,
-                                       o + b0)) {
-        ok = false;
-      }
-      return;
-    }
-    float buf[detail::kBlock];
-    for (int64_t s = b0; s < b1; s += detail::kBlock) {
-      const int64_t n = std::min(detail::kBlock, b1 - s);
-      detail::load_as_float(x, s, n, buf);
-      const bool good = enc.ok ? detail::bucket_encode_codes(enc, buf, n, o + s)
-                               : detail::encode_block(buf, n, t, o + s);
-      if (!good) ok = false;
-    }
-  });
-  TORCH_CHECK(ok.load(),
+  const bool ok = detail::encode_tensor(x, t, out.data_ptr<int8_t>(),
+                                        detail::bucket_encode_codes, detail::encode_block);
+  TORCH_CHECK(ok,
               "dnateq: x contains non-finite values (NaN or Inf); "
               "exp_quantize needs finite input");
   return out;
