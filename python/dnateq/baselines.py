@@ -22,8 +22,7 @@ from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple, Unio
 
 import torch.nn as nn
 
-from .calibrate import (_get_module, _set_module, _disable_fast_paths, move_modules,
-                        select_layers, trace_layers)
+from .calibrate import _get_module, _set_module, deliver, select_layers, trace_layers
 from .nn.modules import ExpConv2d, ExpLinear
 from .nn.uniform import UniformConv2d, UniformLinear, _check_bits
 
@@ -145,14 +144,7 @@ def uniform_quantize(model: nn.Module, loader: Iterable, bits: Union[BitsSpec,
                          "calibration batches")
     info = dict(kind="uniform", bits=chosen, skipped=skipped, activations=bool(activations),
                 calib_batches=int(calib_batches))
-    _disable_fast_paths(work)
-    work.train(was_training)
-    work.dnateq_baseline = info
-    if not inplace:
-        return work
-    move_modules(work, model, mha_names, done)
-    model.dnateq_baseline = info
-    return model
+    return deliver(work, model, inplace, was_training, mha_names, done, "dnateq_baseline", info)
 
 
 def summary(model: nn.Module) -> Dict[str, Any]:

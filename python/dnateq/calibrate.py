@@ -40,7 +40,7 @@ from .nn.uniform import UniformConv2d, UniformLinear
 _QUANTIZED = (ExpLinear, ExpConv2d, UniformLinear, UniformConv2d)
 
 __all__ = ["quantize", "exponential_rss", "batch_input", "INPUT_KEYS", "select_layers",
-           "trace_layers", "Traces", "move_modules", "choose_bits"]
+           "trace_layers", "Traces", "deliver", "choose_bits"]
 
 #: Keys tried, in order, to find the model input in a dict batch; when none is
 #: present the first tensor value of the dict is used.
@@ -705,26 +705,29 @@ def quantize(model: nn.Module, loader: Iterable, *,
                      max_threshold=max_threshold, rss_normalize=rss_normalize,
                      calib_batches=calib_batches, mode=mode, seed=seed),
     )
+    return deliver(work, model, inplace, was_training, mha_names, qnames, "dnateq_info", info)
+
+
+def deliver(work: nn.Module, model: nn.Module, inplace: bool, was_training: bool,
+            mha_names: Sequence[str], names: Sequence[str], attr: str,
+            info: Dict[str, Any]) -> nn.Module:
+    """The result of a quantizer that worked on ``work``, a copy of ``model``:
+    ``work`` itself, or with ``inplace`` the replaced attention modules and
+    quantized layers moved into ``model``. Either way the fused fast paths are
+    off, the training flag is the caller's and the record is set as ``attr``."""
     _disable_fast_paths(work)
     work.train(was_training)
-    work.dnateq_info = info
+    setattr(work, attr, info)
     if not inplace:
         return work
-    move_modules(work, model, mha_names, qnames)
-    model.dnateq_info = info
-    return model
-
-
-def move_modules(work: nn.Module, model: nn.Module, mha_names: Sequence[str],
-                 names: Sequence[str]) -> None:
-    """In-place quantization: move the replaced attention modules and quantized
-    layers of ``work`` (a calibrated copy of ``model``) into ``model``."""
     for n in mha_names:
         _set_module(model, n, _get_module(work, n))
     for n in names:
         if not any(n.startswith(mn + ".") for mn in mha_names):
             _set_module(model, n, _get_module(work, n))
     _disable_fast_paths(model)
+    setattr(model, attr, info)
+    return model
 
 
 def _disable_fast_paths(root: nn.Module) -> None:
