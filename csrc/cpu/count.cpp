@@ -2,14 +2,15 @@
 // the CPU: exact integer counts C1..C4 per output, then a float64
 // post-processing with a LUT of alpha^k.
 //
-// Counting scheme: each code maps once to a histogram offset, so that one
-// add gives the bin of a pair, and the pair's sign product s_a*s_w is the
-// increment (+1 or -1). Bins of one histogram:
-//   C1[k] at s = biased(a) + biased(w) = k + 2^n      in [2, 2^(n+1) - 2]
-//   C3[e] at off3 + biased(a),  off3 = 2^(n+1)
-//   C2[e] at off2 + biased(w),  off2 = 2^(n+1) + 2^n
-// A zero weight maps to TRASH = 2^(n+2), so its pairs land in a region that
-// is never read (zero activations are skipped before counting).
+// Counting scheme: the nonzero activations of a row are grouped by their
+// code (a counting sort, once per row, shared by every output). Inside a
+// group the activation's biased exponent b_a and sign s_a are fixed, so:
+//   C3[b_a] is the sum of the group's sign products: a register, no memory;
+//   C1 at s = b_a + biased(w) = k + 2^n, in [2, 2^(n+1) - 2];
+//   C2 at OFF2 + biased(w),  OFF2 = 2^(n+1).
+// Each weight code maps once (a 256-entry table per activation sign) to its
+// biased exponent and the pair's sign product s_a*s_w, which is 0 for a zero
+// weight: its two updates add nothing, so no branch and no trash bins.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -25,37 +26,31 @@ namespace cpu {
 namespace {
 
 struct Layout {
-  int bits, nb;        // n and 2^n
-  int off2, off3;      // C2 and C3 bin offsets
-  int trash, hsize;    // trash start (= bins to clear and read); size
+  int bits, nb;   // n and 2^n
+  int off2;       // C2 bins: off2 + biased(w)
+  int off3;       // C3 bins: off3 + biased(a) (one copy, written per group)
+  int counted;    // bins [0, counted) take per-pair updates (C1 and C2)
+  int hsize;      // one histogram copy
   explicit Layout(int n) : bits(n), nb(1 << n) {
-    off3 = 1 << (n + 1);
-    off2 = (1 << (n + 1)) + nb;
-    trash = 1 << (n + 2);
-    hsize = 2 * trash;  // a trash offset plus any valid one stays inside
+    off2 = 2 * nb;
+    off3 = 3 * nb;
+    counted = 3 * nb;
+    hsize = 4 * nb;
   }
   static int32_t sign(uint8_t c) { return (c & kSignBit) ? -1 : 1; }
-  int16_t biased_or_trash(uint8_t c) const {
-    return static_cast<int16_t>((c & kMagMask) ? (c & kMagMask) : trash);
-  }
-  int16_t c3_or_trash(uint8_t c) const {
-    return static_cast<int16_t>((c & kMagMask) ? off3 : trash);
-  }
 };
 
-// Weight side, transformed once per call: [N, K] offsets for C1/C2 and C3.
-// What one weight code contributes to a pair, looked up per pair from a
-// 256-entry table (so the weights are read raw, never transformed per call).
+// What one weight code contributes to a pair with an activation of sign +1
+// (table[0]) or -1 (table[1]).
 struct WEntry {
-  int16_t f;     // biased(w), or TRASH for a zero weight
-  int16_t g;     // off3, or TRASH for a zero weight
-  int32_t sign;  // +1 / -1
+  int16_t f;   // biased(w); 0 for a zero weight
+  int16_t sg;  // s_a * s_w; 0 for a zero weight
 };
 
 struct Weights {
   int64_t N = 0, K = 0;
   const uint8_t* codes = nullptr;  // [N, K]
-  WEntry table[256];
+  WEntry table[2][256];
   const int32_t* terms = nullptr;  // [N, 2^n] or null
 };
 
@@ -82,85 +77,118 @@ void check_code_range(const at::Tensor& codes, int64_t bits, const char* name) {
               " set, which is not a valid code for bits=", bits);
 }
 
-Weights prepare_weights(const at::Tensor& w, const Layout& L,
-                        const c10::optional<at::Tensor>& w_terms) {
+Weights prepare_weights(const at::Tensor& w, const c10::optional<at::Tensor>& w_terms) {
   Weights W;
   W.N = w.size(0);
   W.K = W.N ? w.numel() / W.N : 0;
   W.codes = reinterpret_cast<const uint8_t*>(w.const_data_ptr<int8_t>());
   for (int c = 0; c < 256; ++c) {
     const uint8_t u = static_cast<uint8_t>(c);
-    W.table[c] = {L.biased_or_trash(u), L.c3_or_trash(u), Layout::sign(u)};
+    const int16_t mag = static_cast<int16_t>(u & kMagMask);
+    const int16_t sg = static_cast<int16_t>(mag ? Layout::sign(u) : 0);
+    W.table[0][c] = {mag, sg};
+    W.table[1][c] = {mag, static_cast<int16_t>(-sg)};
   }
   if (w_terms.has_value()) W.terms = w_terms->const_data_ptr<int32_t>();
   return W;
 }
 
-// The nonzero positions of one activation row with their histogram offsets,
-// built once per row and shared by every output.
+// One activation row: its nonzero positions grouped by code, and its zero
+// positions. Built once per row and shared by every output.
 struct RowList {
-  std::vector<int32_t> pos, zeros, sign;
-  std::vector<int16_t> ta;
+  struct Group {
+    int32_t begin, end;  // range of `pos`
+    int16_t b;           // biased exponent of the group's activations
+    uint8_t neg;         // their sign is negative
+  };
+  std::vector<int32_t> pos, zeros;
+  std::vector<Group> groups;
   bool has_neg = false;
+  int64_t nnz() const { return static_cast<int64_t>(pos.size()); }
   void build(const uint8_t* a, int64_t K) {
-    pos.clear(); zeros.clear(); sign.clear(); ta.clear();
+    int32_t count[256] = {0};
+    for (int64_t i = 0; i < K; ++i) ++count[a[i]];
+    int32_t start[256];
+    int32_t total = 0;
+    groups.clear();
     has_neg = false;
+    for (int c = 0; c < 256; ++c) {
+      start[c] = total;
+      if ((c & kMagMask) == 0 || count[c] == 0) continue;
+      groups.push_back({total, total + count[c], static_cast<int16_t>(c & kMagMask),
+                        static_cast<uint8_t>((c & kSignBit) ? 1 : 0)});
+      has_neg |= (c & kSignBit) != 0;
+      total += count[c];
+    }
+    pos.resize(total);
+    zeros.clear();
     for (int64_t i = 0; i < K; ++i) {
       const uint8_t c = a[i];
-      if ((c & kMagMask) == 0) { zeros.push_back(static_cast<int32_t>(i)); continue; }
-      has_neg |= (c & kSignBit) != 0;
-      pos.push_back(static_cast<int32_t>(i));
-      ta.push_back(static_cast<int16_t>(c & kMagMask));
-      sign.push_back(Layout::sign(c));
+      if ((c & kMagMask) == 0) zeros.push_back(static_cast<int32_t>(i));
+      else pos[start[c]++] = static_cast<int32_t>(i);
     }
   }
 };
 
-// Counts the pairs of one row into `copies` interleaved histograms:
-// consecutive pairs go to different copies so that two updates of one bin
-// do not wait on each other through memory.
-template <int kCopies>
+// Counts the pairs of one row with output n into `kCopies` interleaved
+// histograms: consecutive pairs go to different copies so that two updates
+// of one bin do not wait on each other through memory. C3 goes to copy 0.
+template <int kCopies, bool kTerms>
 void count_pairs(const RowList& R, const Weights& W, const Layout& L, int64_t n,
-                 bool use_terms, uint32_t* h) {
-  const int64_t hs = L.hsize;
+                 uint32_t* h) {
+  const int hs = L.hsize, off2 = L.off2;
   const uint8_t* wc = W.codes + n * W.K;
-  const WEntry* T = W.table;
   const int32_t* pos = R.pos.data();
-  const int16_t* ta = R.ta.data();
-  const int32_t* sa = R.sign.data();
-  const int64_t nnz = static_cast<int64_t>(R.pos.size());
-  const int off2 = L.off2;
-  // Unsigned arithmetic: the trash bins may wrap, harmlessly.
-  int64_t p = 0;
-  for (; p + kCopies <= nnz; p += kCopies) {
-#pragma GCC unroll 4
-    for (int c = 0; c < kCopies; ++c) {
-      uint32_t* hc = h + c * hs;
-      const WEntry e = T[wc[pos[p + c]]];
-      const uint32_t sg = static_cast<uint32_t>(sa[p + c] * e.sign);
-      hc[ta[p + c] + e.f] += sg;
-      hc[ta[p + c] + e.g] += sg;
-      if (!use_terms) hc[off2 + e.f] += sg;
+  int64_t p = 0;  // running pair index: picks the copy
+  for (const RowList::Group& g : R.groups) {
+    const WEntry* T = W.table[g.neg];
+    uint32_t* c1 = h + g.b;  // C1 bin of weight exponent f: c1[f]
+    int32_t c3 = 0;
+    for (int32_t q = g.begin; q < g.end; ++q, ++p) {
+      const WEntry e = T[wc[pos[q]]];
+      const int64_t copy = kCopies == 1 ? 0 : (p & (kCopies - 1)) * hs;
+      // Unsigned adds: -1 wraps and is read back as int32.
+      c1[copy + e.f] += static_cast<uint32_t>(e.sg);
+      if (!kTerms) h[copy + off2 + e.f] += static_cast<uint32_t>(e.sg);
+      c3 += e.sg;
     }
+    h[L.off3 + g.b] += static_cast<uint32_t>(c3);
   }
-  for (; p < nnz; ++p) {
-    const WEntry e = T[wc[pos[p]]];
-    const uint32_t sg = static_cast<uint32_t>(sa[p] * e.sign);
-    h[ta[p] + e.f] += sg;
-    h[ta[p] + e.g] += sg;
-    if (!use_terms) h[off2 + e.f] += sg;
-  }
-  if (use_terms) {
+  if (kTerms) {
     // Zero activations: their weight-term contributions (activation sign
     // taken as +1), subtracted from the precomputed terms afterwards.
+    const WEntry* T = W.table[0];
     for (int32_t z : R.zeros) {
       const WEntry e = T[wc[z]];
-      h[off2 + e.f] += static_cast<uint32_t>(e.sign);
+      h[off2 + e.f] += static_cast<uint32_t>(e.sg);
     }
   }
   for (int c = 1; c < kCopies; ++c) {
-    for (int64_t b = 0; b < L.trash; ++b) h[b] += h[c * hs + b];
+    for (int b = 0; b < L.counted; ++b) h[b] += h[c * hs + b];
   }
+}
+
+template <bool kTerms>
+void count_pairs_any(int copies, const RowList& R, const Weights& W, const Layout& L,
+                     int64_t n, uint32_t* h) {
+  switch (copies) {
+    case 4: return count_pairs<4, kTerms>(R, W, L, n, h);
+    case 2: return count_pairs<2, kTerms>(R, W, L, n, h);
+    default: return count_pairs<1, kTerms>(R, W, L, n, h);
+  }
+}
+
+// sum_i w[i] * clamp(c[i]) in float64: branch-free so that it vectorizes.
+double weighted_sum(const uint32_t* c, const double* w, int len, const Post& P) {
+  double t = 0;
+  if (P.clamp) {
+    for (int i = 0; i < len; ++i) {
+      t += static_cast<double>(P.c(static_cast<int32_t>(c[i]))) * w[i];
+    }
+  } else {
+    for (int i = 0; i < len; ++i) t += static_cast<double>(static_cast<int32_t>(c[i])) * w[i];
+  }
+  return t;
 }
 
 // Counts one activation row against outputs [n0, n1) and writes
@@ -168,37 +196,36 @@ void count_pairs(const RowList& R, const Weights& W, const Layout& L, int64_t n,
 void count_row(const RowList& R, const Weights& W, const Layout& L,
                const Post& P, int64_t n0, int64_t n1, float* out,
                int64_t out_stride, std::vector<uint32_t>& hist) {
-  const int64_t nnz = static_cast<int64_t>(R.pos.size());
+  const int64_t nnz = R.nnz();
   // Precomputed weight terms serve unsigned rows only; they pay when the
   // zero positions are fewer than the nonzero ones (SPEC section 4).
   const bool use_terms = W.terms && !R.has_neg && !P.clamp &&
                          static_cast<int64_t>(R.zeros.size()) < nnz;
   const int nb = L.nb, E = P.E;
-  // Fewer copies for large tables, where clearing them would dominate.
-  const int copies = L.bits <= 5 ? 4 : 2;
+  // Copies break store-to-load chains on repeated bins; small tables repeat
+  // bins most, and large ones cost the most to clear and merge.
+  const int copies = L.bits <= 3 ? 4 : (L.bits <= 5 ? 2 : 1);
   hist.resize(copies * L.hsize);
   uint32_t* h = hist.data();
+  // Bin weights: C1 at s = 2 .. 2nb-2 (k = s - nb); C2/C3 at b = 1 .. nb-1.
+  const double* pw1 = P.pw.data() + 2 * E - nb;      // pw1[s] = alpha^(s - nb)
+  const double* pw2 = P.pw.data() + 2 * E - nb / 2;  // pw2[b] = alpha^(b - nb/2)
   for (int64_t n = n0; n < n1; ++n) {
-    for (int c = 0; c < copies; ++c) std::fill(h + c * L.hsize, h + c * L.hsize + L.trash, 0u);
-    if (copies == 4) count_pairs<4>(R, W, L, n, use_terms, h);
-    else count_pairs<2>(R, W, L, n, use_terms, h);
+    for (int c = 0; c < copies; ++c) std::fill(h + c * L.hsize, h + c * L.hsize + L.counted, 0u);
+    std::fill(h + L.off3, h + L.off3 + nb, 0u);
+    if (use_terms) count_pairs_any<true>(copies, R, W, L, n, h);
+    else count_pairs_any<false>(copies, R, W, L, n, h);
+    uint32_t* c2 = h + L.off2;
+    if (use_terms) {
+      const int32_t* terms = W.terms + n * nb;
+      for (int b = 0; b < nb; ++b) c2[b] = static_cast<uint32_t>(terms[b]) - c2[b];
+    }
     // Post-processing in float64.
-    double t1 = 0, t2 = 0, t3 = 0;
+    const double t1 = weighted_sum(h + 2, pw1 + 2, 2 * nb - 3, P);
+    const double t2 = weighted_sum(c2 + 1, pw2 + 1, nb - 1, P);
+    const double t3 = weighted_sum(h + L.off3 + 1, pw2 + 1, nb - 1, P);
     int64_t c4 = 0;
-    for (int s = 2; s <= 2 * nb - 2; ++s) {  // s = biased sum = k + 2^n
-      const int64_t c = static_cast<int32_t>(h[s]);
-      if (c) t1 += static_cast<double>(P.c(c)) * P.pw[s - nb + 2 * E];
-    }
-    const int32_t* terms = use_terms ? W.terms + n * nb : nullptr;
-    for (int b = 1; b < nb; ++b) {  // b = biased exponent = e + 2^(n-1)
-      const double pe = P.pw[b - nb / 2 + 2 * E];
-      const int64_t c3 = static_cast<int32_t>(h[L.off3 + b]);
-      int64_t c2 = static_cast<int32_t>(h[L.off2 + b]);
-      if (terms) c2 = terms[b] - c2;
-      c4 += c2;
-      if (c3) t3 += static_cast<double>(P.c(c3)) * pe;
-      if (c2) t2 += static_cast<double>(P.c(c2)) * pe;
-    }
+    for (int b = 1; b < nb; ++b) c4 += static_cast<int32_t>(c2[b]);
     double y = P.sasw * t1 + P.basw * t2 + P.sabw * t3 +
                P.babw * static_cast<double>(P.c(c4));
     if (P.bias) y += static_cast<double>(P.bias[n]);
@@ -248,7 +275,7 @@ at::Tensor exp_linear_count(const at::Tensor& a_in, const at::Tensor& w_in,
   if (out.numel() == 0) return out;
   const int64_t rows = out.numel() / N;
   const Layout L(static_cast<int>(bits));
-  const Weights W = prepare_weights(w, L, w_terms);
+  const Weights W = prepare_weights(w, w_terms);
   const Post P = make_post(alpha, sa, ba, sw, bw, bits, counter_bits,
                            b.defined() ? b.const_data_ptr<float>() : nullptr);
   const uint8_t* ap = reinterpret_cast<const uint8_t*>(a.const_data_ptr<int8_t>());
@@ -300,7 +327,7 @@ at::Tensor exp_conv2d_count(const at::Tensor& a_in, const at::Tensor& w_in,
   if (out.numel() == 0) return out;
   const int64_t Kg = Cg * kh * kw, Og = O / groups, HW = Ho * Wo;
   const Layout L(static_cast<int>(bits));
-  const Weights W = prepare_weights(w, L, w_terms);
+  const Weights W = prepare_weights(w, w_terms);
   const Post P = make_post(alpha, sa, ba, sw, bw, bits, counter_bits,
                            b.defined() ? b.const_data_ptr<float>() : nullptr);
   const uint8_t* ap = reinterpret_cast<const uint8_t*>(a.const_data_ptr<int8_t>());
