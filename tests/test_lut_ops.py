@@ -53,6 +53,27 @@ def test_linear_lut_matches_oracle(bits, rounding, dtype):
                          f"M,K,N={M},{K},{N}")
 
 
+@pytest.mark.parametrize("bits,w_signed", [(2, True), (4, True), (5, False), (7, True)])
+def test_linear_lut_gemm_paths(bits, w_signed):
+    """The batched CPU paths: panels of weight rows decoded into a per-thread
+    buffer (small activations, ragged last panel, bias slices), and the whole
+    weight decoded once (activations above 2^18 floats)."""
+    g = gen(seed_of("llut-gemm", bits, w_signed))
+    for (M, K, N) in [(5, 33, 17), (64, 1000, 300), (37, 4099, 70), (300, 1024, 40)]:
+        x = make_data((M, K), g, zero_frac=0.2)
+        w = make_data((N, K), g, "student", signed=w_signed)
+        bias = torch.randn(N, generator=g)
+        p, w_codes, packed = _layer(x, w, bits, "nearest", w_signed)
+        a_hat, w_hat = _hats(x, w_codes, p, bits, "nearest")
+        for b in (bias, None):
+            got = dnateq.exp_linear_lut(x, packed, [N, K], *p, bits, True, w_signed,
+                                        "nearest", b)
+            exp = ref.exp_linear_lut(x, packed, [N, K], *p, bits, True, w_signed, "nearest", b)
+            assert got.shape == (M, N)
+            assert_close_rel(got, exp, linear_mag(a_hat, w_hat, b), 1e-5, 1e-5,
+                             f"M,K,N={M},{K},{N} bias={b is not None}")
+
+
 @pytest.mark.parametrize("bits", [3, 5])
 def test_linear_lut_shapes_noncontiguous_unsigned_weights(bits):
     g = gen(seed_of("llut-shapes", bits))
