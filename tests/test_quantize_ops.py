@@ -179,7 +179,9 @@ def _threshold_probes(alpha, S, beta, bits, rounding, g, n=1 << 16):
 @pytest.mark.parametrize("bits", ALL_BITS)
 @pytest.mark.parametrize("rounding", ROUNDINGS)
 @pytest.mark.parametrize("case", ["fit", "negative_beta", "alpha_near_1"])
-def test_bucket_path_is_bit_exact(bits, rounding, case):
+def test_fast_paths_are_bit_exact(bits, rounding, case):
+    # bits <= 3: the register compare encoder; larger: the bucket table, or
+    # the counting comparator where the thresholds are too dense for it.
     g = gen(seed_of("bucket", bits, rounding, case))
     if case == "fit":
         alpha, S, beta = random_params(bits, g=g)
@@ -207,12 +209,19 @@ def test_bucket_path_is_bit_exact(bits, rounding, case):
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
-def test_bucket_path_rejects_non_finite(bad):
+@pytest.mark.parametrize("bits", [3, 4])    # compare encoder, bucket table
+def test_fast_paths_reject_non_finite(bad, bits):
     g = gen(7)
-    alpha, S, beta = random_params(4, g=g)
+    alpha, S, beta = random_params(bits, g=g)
     x = torch.randn(1 << 16, generator=g)
     x[12345] = bad
     with pytest.raises(RuntimeError, match="non-finite"):
-        dnateq.exp_quantize(x, alpha, S, beta, 4)
+        dnateq.exp_quantize(x, alpha, S, beta, bits)
+    x[12345] = 0.0
+    x[-3] = bad                                               # the scalar tail too
     with pytest.raises(RuntimeError, match="non-finite"):
-        dnateq.exp_quantize(x[:-5], alpha, S, beta, 4)       # the scalar tail too
+        dnateq.exp_quantize(x[:-1], alpha, S, beta, bits)
+    with pytest.raises(RuntimeError, match="non-finite"):     # fake quantization
+        dnateq.exp_linear_lut(x[:-1].reshape(-1, 5), dnateq.exp_pack(
+            torch.ones(2, 5, dtype=torch.int8), bits, True), [2, 5], alpha, S, beta, S, beta,
+            bits, True, True, "nearest", None)

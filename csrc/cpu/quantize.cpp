@@ -9,6 +9,7 @@
 #include "../checks.h"
 #include "../ops.h"
 #include "bucket_encoder.h"
+#include "compare_encoder.h"
 #include "cpu_kernels.h"
 
 namespace dnateq {
@@ -131,28 +132,34 @@ bool fake_quantize_block(const float* x, int64_t n, const ExpTables& t,
   return ok;
 }
 
-// Encodes a contiguous tensor into `o`: large tensors through the bucket
-// table (straight from float32 input, or per block after widening half and
-// bfloat16), small ones or dense thresholds through the counting comparator.
+// Encodes a contiguous tensor into `o` with the fastest exact encoder for the
+// table: bits <= 3 compare in registers (any size); larger tables use the
+// bucket table on large tensors, else (small tensors, dense thresholds) the
+// counting comparator. Half and bfloat16 are widened per block first.
 // Returns false if any input was non-finite.
-template <typename Out, typename BucketFn, typename BlockFn>
-bool encode_tensor(const at::Tensor& x, const ExpTables& t, Out* o, BucketFn bucket,
-                   BlockFn block) {
+template <typename Out, typename CompareFn, typename BucketFn, typename BlockFn>
+bool encode_tensor(const at::Tensor& x, const ExpTables& t, Out* o, CompareFn compare_fn,
+                   BucketFn bucket_fn, BlockFn block_fn) {
+  const bool compare = compare_encoder_ok(t);
   BucketEncoder enc;
-  if (x.numel() >= kBucketMinElements) build_bucket_encoder(t, enc);
-  const bool direct = enc.ok && x.scalar_type() == at::kFloat;
+  if (!compare && x.numel() >= kBucketMinElements) build_bucket_encoder(t, enc);
+  auto encode = [&](const float* in, int64_t n, Out* out) {
+    if (compare) return compare_fn(t, in, n, out);
+    if (enc.ok) return bucket_fn(enc, in, n, out);
+    return block_fn(in, n, t, out);
+  };
+  const bool direct = (compare || enc.ok) && x.scalar_type() == at::kFloat;
   std::atomic<bool> ok{true};
   at::parallel_for(0, x.numel(), 16 * kBlock, [&](int64_t b0, int64_t b1) {
     if (direct) {
-      if (!bucket(enc, x.const_data_ptr<float>() + b0, b1 - b0, o + b0)) ok = false;
+      if (!encode(x.const_data_ptr<float>() + b0, b1 - b0, o + b0)) ok = false;
       return;
     }
     float buf[kBlock];
     for (int64_t s = b0; s < b1; s += kBlock) {
       const int64_t n = std::min(kBlock, b1 - s);
       load_as_float(x, s, n, buf);
-      const bool good = enc.ok ? bucket(enc, buf, n, o + s) : block(buf, n, t, o + s);
-      if (!good) ok = false;
+      if (!encode(buf, n, o + s)) ok = false;
     }
   });
   return ok.load();
@@ -162,8 +169,8 @@ at::Tensor fake_quantize_to_float(const at::Tensor& x_in, const ExpTables& t,
                                   const char* arg) {
   const at::Tensor x = x_in.contiguous();
   at::Tensor out = at::empty(x.sizes(), x.options().dtype(at::kFloat));
-  const bool ok = encode_tensor(x, t, out.data_ptr<float>(), bucket_encode_levels,
-                                fake_quantize_block);
+  const bool ok = encode_tensor(x, t, out.data_ptr<float>(), compare_encode_levels,
+                                bucket_encode_levels, fake_quantize_block);
   TORCH_CHECK(ok, "dnateq: ", arg, " contains non-finite values (NaN or Inf)");
   return out;
 }
@@ -180,6 +187,7 @@ at::Tensor exp_quantize(const at::Tensor& x_in, double alpha, double scale,
   const at::Tensor x = x_in.contiguous();
   at::Tensor out = at::empty(x.sizes(), x.options().dtype(at::kChar));
   const bool ok = detail::encode_tensor(x, t, out.data_ptr<int8_t>(),
+                                        detail::compare_encode_codes,
                                         detail::bucket_encode_codes, detail::encode_block);
   TORCH_CHECK(ok,
               "dnateq: x contains non-finite values (NaN or Inf); "
