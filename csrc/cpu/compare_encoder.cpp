@@ -1,4 +1,4 @@
-// The register compare quantizer for bits <= 3 (see compare_encoder.h).
+// The register compare quantizer for bits <= 5 (see compare_encoder.h).
 #include "compare_encoder.h"
 
 #include <cmath>
@@ -15,33 +15,88 @@ namespace detail {
 
 namespace {
 
-// bits = 3. (bits = 4, 14 compares, measured no faster than the bucket table.)
-constexpr int kMaxCompareThresholds = 6;
-
 #ifdef DNATEQ_X86
-// Biased exponents of 8 magnitudes: 1 + the number of thresholds <= m, as
-// 1 - sum of the all-ones compare masks. Unused threshold slots hold +inf,
-// which no finite magnitude reaches (non-finite inputs are rejected).
-template <int kSlots>
-__attribute__((target("avx2"))) inline __m256i biased8(const __m256* thr, __m256 m) {
-  __m256i b = _mm256_set1_epi32(1);
-  for (int k = 0; k < kSlots; ++k) {
-    b = _mm256_sub_epi32(b, _mm256_castps_si256(_mm256_cmp_ps(m, thr[k], _CMP_GE_OQ)));
-  }
-  return b;
-}
+// Biased exponent finders: 1 + the number of thresholds <= m for 8 finite
+// magnitudes, as 1 - the sum of all-ones compare masks. Unused threshold
+// slots hold +inf, which no finite magnitude reaches (non-finite inputs are
+// reported and rejected by the caller).
 
-__attribute__((target("avx2"))) void load_thresholds(const ExpTables& t, __m256* thr) {
-  for (int k = 0; k < kMaxCompareThresholds; ++k) {
-    thr[k] = _mm256_set1_ps(k < t.n_thr ? t.thresholds[k] : INFINITY);
+// bits <= 3: every threshold (at most 6) against every magnitude.
+struct Flat {
+  static constexpr int kSlots = 6;
+  __m256 thr[kSlots];
+  __attribute__((target("avx2"))) explicit Flat(const ExpTables& t) {
+    for (int k = 0; k < kSlots; ++k) {
+      thr[k] = _mm256_set1_ps(k < t.n_thr ? t.thresholds[k] : INFINITY);
+    }
   }
-}
+  __attribute__((target("avx2"))) __m256i operator()(__m256 m) const {
+    __m256i b = _mm256_set1_epi32(1);
+    for (int k = 0; k < kSlots; ++k) {
+      b = _mm256_sub_epi32(b, _mm256_castps_si256(_mm256_cmp_ps(m, thr[k], _CMP_GE_OQ)));
+    }
+    return b;
+  }
+};
 
-template <int kSlots>
+// bits 4 and 5: the thresholds in kGroups runs of 4 (14 or 30 of 16 or 32
+// slots). The last threshold of each run but the last picks the run g (3 or
+// 7 compares); the run's first three thresholds, read with one register
+// permute each by g, finish the count: 4g + #{run thresholds <= m}. Sorted
+// thresholds make this equal to counting all of them.
+template <int kGroups>
+struct Grouped {
+  __m256 coarse[kGroups - 1];
+  __m256 fine[3];  // fine[j][g] = threshold 4g + j
+  __attribute__((target("avx2"))) explicit Grouped(const ExpTables& t) {
+    auto slot = [&](int k) { return k < t.n_thr ? t.thresholds[k] : INFINITY; };
+    for (int g = 0; g + 1 < kGroups; ++g) coarse[g] = _mm256_set1_ps(slot(4 * g + 3));
+    for (int j = 0; j < 3; ++j) {
+      float f[8];
+      for (int g = 0; g < 8; ++g) f[g] = g < kGroups ? slot(4 * g + j) : INFINITY;
+      fine[j] = _mm256_loadu_ps(f);
+    }
+  }
+  __attribute__((target("avx2"))) __m256i operator()(__m256 m) const {
+    __m256i g = _mm256_setzero_si256();
+    for (int k = 0; k + 1 < kGroups; ++k) {
+      g = _mm256_sub_epi32(g, _mm256_castps_si256(_mm256_cmp_ps(m, coarse[k], _CMP_GE_OQ)));
+    }
+    __m256i b = _mm256_add_epi32(_mm256_slli_epi32(g, 2), _mm256_set1_epi32(1));
+    for (int j = 0; j < 3; ++j) {
+      const __m256 th = _mm256_permutevar8x32_ps(fine[j], g);
+      b = _mm256_sub_epi32(b, _mm256_castps_si256(_mm256_cmp_ps(m, th, _CMP_GE_OQ)));
+    }
+    return b;
+  }
+};
+
+// levels[b] for b < 2^bits (bits <= 5: 32 entries in 4 registers), read with
+// register permutes merged on bits 3 and 4 of b.
+struct Levels {
+  __m256 t[4];
+  int bits;
+  __attribute__((target("avx2"))) explicit Levels(const ExpTables& tab) : bits(tab.bits) {
+    alignas(32) float lv[32] = {0};
+    for (int b = 0; b <= num_levels(tab.bits); ++b) lv[b] = tab.levels[b];
+    for (int s = 0; s < 4; ++s) t[s] = _mm256_load_ps(lv + 8 * s);
+  }
+  __attribute__((target("avx2"))) __m256 operator()(__m256i b) const {
+    const __m256 q0 = _mm256_permutevar8x32_ps(t[0], b);
+    if (bits <= 3) return q0;
+    const __m256 bit3 = _mm256_castsi256_ps(_mm256_slli_epi32(b, 28));
+    const __m256 lo = _mm256_blendv_ps(q0, _mm256_permutevar8x32_ps(t[1], b), bit3);
+    if (bits == 4) return lo;
+    const __m256 hi = _mm256_blendv_ps(_mm256_permutevar8x32_ps(t[2], b),
+                                       _mm256_permutevar8x32_ps(t[3], b), bit3);
+    return _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(b, 27)));
+  }
+};
+
+template <typename Finder>
 __attribute__((target("avx2"))) bool avx2_codes(const ExpTables& t, const float* x, int64_t n,
                                                 int8_t* out) {
-  __m256 thr[kMaxCompareThresholds];
-  load_thresholds(t, thr);
+  const Finder biased(t);
   const __m256i abs_mask = _mm256_set1_epi32(0x7fffffff);
   const __m256i inf_bits = _mm256_set1_epi32(0x7f7fffff);
   const __m256i zero = _mm256_setzero_si256();
@@ -56,7 +111,7 @@ __attribute__((target("avx2"))) bool avx2_codes(const ExpTables& t, const float*
       const __m256i u = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i + 8 * j));
       const __m256i m = _mm256_and_si256(u, abs_mask);
       bad = _mm256_or_si256(bad, _mm256_cmpgt_epi32(m, inf_bits));
-      const __m256i b = biased8<kSlots>(thr, _mm256_castsi256_ps(m));
+      const __m256i b = biased(_mm256_castsi256_ps(m));
       // int8 code as a signed value: b, or b - 128 (sign bit set); 0 for zero.
       const __m256i v = _mm256_sub_epi32(b, _mm256_and_si256(_mm256_srai_epi32(u, 31), k128));
       c[j] = _mm256_andnot_si256(_mm256_cmpeq_epi32(m, zero), v);
@@ -74,14 +129,11 @@ __attribute__((target("avx2"))) bool avx2_codes(const ExpTables& t, const float*
   return good;
 }
 
+template <typename Finder>
 __attribute__((target("avx2"))) bool avx2_levels(const ExpTables& t, const float* x, int64_t n,
                                                  float* out) {
-  __m256 thr[kMaxCompareThresholds];
-  load_thresholds(t, thr);
-  // levels[0 .. 2^n - 1] fit one register for n <= 3.
-  alignas(32) float lv8[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  for (int b = 0; b <= num_levels(t.bits); ++b) lv8[b] = t.levels[b];
-  const __m256 levels = _mm256_load_ps(lv8);
+  const Finder biased(t);
+  const Levels levels(t);
   const __m256i abs_mask = _mm256_set1_epi32(0x7fffffff);
   const __m256i inf_bits = _mm256_set1_epi32(0x7f7fffff);
   const __m256i sign_mask = _mm256_set1_epi32(static_cast<int>(0x80000000u));
@@ -92,8 +144,7 @@ __attribute__((target("avx2"))) bool avx2_levels(const ExpTables& t, const float
     const __m256i u = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i));
     const __m256i m = _mm256_and_si256(u, abs_mask);
     bad = _mm256_or_si256(bad, _mm256_cmpgt_epi32(m, inf_bits));
-    const __m256i b = biased8<kMaxCompareThresholds>(thr, _mm256_castsi256_ps(m));
-    const __m256 lv = _mm256_permutevar8x32_ps(levels, b);
+    const __m256 lv = levels(biased(_mm256_castsi256_ps(m)));
     // negate the level for negative x (xor: levels may be negative for
     // beta < 0); exact zero stays zero
     __m256i v = _mm256_xor_si256(_mm256_castps_si256(lv), _mm256_and_si256(u, sign_mask));
@@ -115,7 +166,7 @@ __attribute__((target("avx2"))) bool avx2_levels(const ExpTables& t, const float
 
 bool compare_encoder_ok(const ExpTables& t) {
 #ifdef DNATEQ_X86
-  return t.n_thr <= kMaxCompareThresholds && cpu_has_avx2();
+  return t.bits <= 5 && cpu_has_avx2();
 #else
   (void)t;
   return false;
@@ -124,7 +175,9 @@ bool compare_encoder_ok(const ExpTables& t) {
 
 bool compare_encode_codes(const ExpTables& t, const float* x, int64_t n, int8_t* out) {
 #ifdef DNATEQ_X86
-  return avx2_codes<kMaxCompareThresholds>(t, x, n, out);
+  if (t.bits <= 3) return avx2_codes<Flat>(t, x, n, out);
+  if (t.bits == 4) return avx2_codes<Grouped<4>>(t, x, n, out);
+  return avx2_codes<Grouped<8>>(t, x, n, out);
 #else
   (void)t; (void)x; (void)n; (void)out;
   return false;
@@ -133,7 +186,9 @@ bool compare_encode_codes(const ExpTables& t, const float* x, int64_t n, int8_t*
 
 bool compare_encode_levels(const ExpTables& t, const float* x, int64_t n, float* out) {
 #ifdef DNATEQ_X86
-  return avx2_levels(t, x, n, out);
+  if (t.bits <= 3) return avx2_levels<Flat>(t, x, n, out);
+  if (t.bits == 4) return avx2_levels<Grouped<4>>(t, x, n, out);
+  return avx2_levels<Grouped<8>>(t, x, n, out);
 #else
   (void)t; (void)x; (void)n; (void)out;
   return false;
