@@ -104,6 +104,12 @@ inline void decode_row(const uint8_t* row, int64_t K, int b, const T* lut,
 void decode_row_float(const uint8_t* row, int64_t K, int64_t row_bytes, int b,
                       const float* lut, float* out);
 
+// Dot products of one packed weight row (K fields, levels `lut`) with M <= 4
+// float rows x[m * ldx + k]: out[m] = sum_k x[m, k] * lut[field k]. The AVX2
+// path decodes 8 fields at a time into a register and never stores them.
+void dot_packed_row(const uint8_t* row, int64_t K, int64_t row_bytes, int b,
+                    const float* lut, const float* x, int64_t ldx, int M, float* out);
+
 // Unpacks + dequantizes a packed weight [rows, row_bytes] to float32
 // [rows, K] through the level table.
 at::Tensor decode_packed_to_float(const at::Tensor& packed, int64_t rows,

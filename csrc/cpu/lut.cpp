@@ -23,7 +23,7 @@ constexpr int64_t kGemvMaxRows = 4;
 constexpr int64_t kPanelMaxActivations = int64_t{1} << 18;
 
 // y[m, n] = sum_k xq[m, k] * level(w[n, k]) + bias[n], decoding each weight
-// row once for all m.
+// row once for all m, in registers (no float copy of the row).
 at::Tensor fused_gemv(const at::Tensor& xq, const at::Tensor& packed, int64_t N,
                       int64_t K, const ExpTables& tw, bool w_signed,
                       const at::Tensor& bias) {
@@ -39,20 +39,16 @@ at::Tensor fused_gemv(const at::Tensor& xq, const at::Tensor& packed, int64_t N,
   float* o = out.data_ptr<float>();
   constexpr int64_t kChunk = 1024;  // multiple of 32: chunks start on words
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    float wrow[kChunk];
+    float part[kGemvMaxRows];
     for (int64_t n = n0; n < n1; ++n) {
+      // float partial sums per chunk, accumulated in double
       double acc[kGemvMaxRows] = {0, 0, 0, 0};
       for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
         const int64_t len = std::min(kChunk, K - k0);
         const int64_t off = (k0 / 32) * 4 * b;
-        detail::decode_row_float(src + n * rb + off, len, rb - off, b, lut, wrow);
-        for (int64_t m = 0; m < M; ++m) {
-          const float* xr = x + m * K + k0;
-          float s = 0.f;
-#pragma omp simd reduction(+ : s)
-          for (int64_t k = 0; k < len; ++k) s += xr[k] * wrow[k];
-          acc[m] += s;
-        }
+        detail::dot_packed_row(src + n * rb + off, len, rb - off, b, lut, x + k0, K,
+                               static_cast<int>(M), part);
+        for (int64_t m = 0; m < M; ++m) acc[m] += part[m];
       }
       for (int64_t m = 0; m < M; ++m) {
         o[m * N + n] = static_cast<float>(acc[m] + (bp ? bp[n] : 0.0));
