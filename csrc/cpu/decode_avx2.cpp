@@ -1,12 +1,13 @@
-// Packed row -> float levels with AVX2 (the LUT operators' weight decode).
+// Packed row -> float levels with AVX2 (the LUT operators' weight decode),
+// and the same decode fused into dot products (the LUT GEMV).
 //
 // Why: the portable decoder (cpu_kernels.h) spends a few scalar shift, mask
 // and table-load instructions per weight, which made the weight decode a
 // visible share of exp_linear_lut next to the native GEMM. Eight b-bit fields
 // fill exactly b bytes, so each group of 8 starts on a byte: one 64-bit load,
 // two variable 64-bit shifts give the 8 fields, and register permutes (b <= 5)
-// or one gather (b >= 6) read their levels. Same values as the portable decoder (tested against exp_unpack +
-// exp_dequantize).
+// or one gather (b >= 6) read their levels. Same values as the portable
+// decoder (tested against exp_unpack + exp_dequantize).
 #include <algorithm>
 #include <cstring>
 
