@@ -9,8 +9,9 @@
 //     1 + base[bucket] + (low bits of |x| >= low bits of the bucket's threshold)
 // which is bit-exact with the normative comparison `e = -E + #{t_j <= |x|}`:
 // inside a bucket the high bits are equal, so comparing the low bits compares
-// the floats. One table entry packs both numbers, so the AVX2 path needs a
-// single gather per 8 elements.
+// the floats. One table entry packs both numbers (the compare becomes a carry
+// into bit 24), so the AVX2 path needs one table load and three vector
+// instructions per element.
 //
 // When the thresholds are too dense for the finest resolution tried (alpha
 // very close to 1, or equal thresholds), `ok` is false and callers use the
@@ -30,8 +31,8 @@ struct BucketEncoder {
   bool ok = false;
   int shift = 0;                // bucket = bits(|x|) >> shift
   uint32_t low_mask = 0;        // (1 << shift) - 1
-  std::vector<uint32_t> table;  // entry = base << 24 | low threshold bits
-                                // (low == 1 << shift: no threshold inside)
+  std::vector<uint32_t> table;  // entry = (1 + base) << 24 + 2^24 - threshold's
+                                // low bits (1 << shift: no threshold inside)
   const ExpTables* t = nullptr;
 };
 
