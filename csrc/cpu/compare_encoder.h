@@ -5,12 +5,13 @@
 //   bits 4, 5: runs of 4 thresholds, 3 or 7 compares pick the run and 3
 //              permuted thresholds finish the count.
 //
-// Why: the bucket table (bucket_encoder.h) costs an AVX2 gather per 8
-// elements whatever the bit width (two for fake quantization), which on AMD
-// Zen is slower than these compares: 0.40-0.57 ns per element single-threaded
-// at bits 4-5 against 0.59-1.0 for the bucket table. Wider tables (bits 6, 7)
-// measured slower this way and keep the bucket table. Bit-exact with the
-// normative comparison, since it is that comparison: e = -E + #{t_j <= |x|}.
+// Why: the bucket table (bucket_encoder.h) needs a table load per element
+// (two for fake quantization), more than these compares cost: 0.40-0.57 ns
+// per element single-threaded at bits 4-5 against 0.59-1.0 for the bucket
+// table when it gathered (measured before its scalar-load rewrite; the two
+// are now within noise at bits 5-6). Wider tables (bits 6, 7) measured slower
+// this way and keep the bucket table. Bit-exact with the normative
+// comparison, since it is that comparison: e = -E + #{t_j <= |x|}.
 #pragma once
 
 #include <cstdint>
