@@ -8,7 +8,7 @@
 #include <cstring>
 
 #ifdef DNATEQ_X86
-#include <immintrin.h>
+#include "encode_avx2.h"
 #endif
 
 namespace dnateq {
@@ -116,34 +116,19 @@ __attribute__((target("avx2"))) bool avx2_codes(const BucketEncoder& enc, const 
                                                 int64_t n, int8_t* out) {
   const __m128i shift = _mm_cvtsi32_si128(enc.shift);
   const __m256i low_mask = _mm256_set1_epi32(static_cast<int>(enc.low_mask));
-  const __m256i abs_mask = _mm256_set1_epi32(static_cast<int>(kAbsMask));
-  const __m256i inf_bits = _mm256_set1_epi32(static_cast<int>(kInfBits - 1));
-  const __m256i zero = _mm256_setzero_si256();
-  const __m256i k128 = _mm256_set1_epi32(128);
-  // packs interleave 128-bit halves; this restores element order.
-  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-  __m256i bad = zero;
+  __m256i bad = _mm256_setzero_si256();
   int64_t i = 0;
   for (; i + 32 <= n; i += 32) {
     __m256i u[4], m[4], idx[4], e[4], c[4];
     for (int j = 0; j < 4; ++j) {
       u[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i + 8 * j));
-      m[j] = _mm256_and_si256(u[j], abs_mask);
-      bad = _mm256_or_si256(bad, _mm256_cmpgt_epi32(m[j], inf_bits));
+      m[j] = abs8(u[j]);
+      bad = flag_non_finite(bad, m[j]);
       idx[j] = _mm256_srl_epi32(m[j], shift);
     }
     lookup32(enc.table.data(), idx, e);
-    for (int j = 0; j < 4; ++j) {
-      const __m256i b = biased8(e[j], m[j], low_mask);
-      // int8 code as a signed value: b, or b - 128 (sign bit set); 0 for zero.
-      const __m256i neg = _mm256_srai_epi32(u[j], 31);
-      const __m256i v = _mm256_sub_epi32(b, _mm256_and_si256(neg, k128));
-      c[j] = _mm256_andnot_si256(_mm256_cmpeq_epi32(m[j], zero), v);
-    }
-    const __m256i p01 = _mm256_packs_epi32(c[0], c[1]);
-    const __m256i p23 = _mm256_packs_epi32(c[2], c[3]);
-    const __m256i p = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(p01, p23), order);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), p);
+    for (int j = 0; j < 4; ++j) c[j] = code8(u[j], m[j], biased8(e[j], m[j], low_mask));
+    store_codes32(c, out + i);
   }
   const bool good = _mm256_testz_si256(bad, bad) != 0;
   return scalar_loop<false>(enc, x + i, n - i, out + i) && good;
@@ -153,19 +138,15 @@ __attribute__((target("avx2"))) bool avx2_levels(const BucketEncoder& enc, const
                                                  int64_t n, float* out) {
   const __m128i shift = _mm_cvtsi32_si128(enc.shift);
   const __m256i low_mask = _mm256_set1_epi32(static_cast<int>(enc.low_mask));
-  const __m256i abs_mask = _mm256_set1_epi32(static_cast<int>(kAbsMask));
-  const __m256i inf_bits = _mm256_set1_epi32(static_cast<int>(kInfBits - 1));
-  const __m256i sign_mask = _mm256_set1_epi32(static_cast<int>(0x80000000u));
-  const __m256i zero = _mm256_setzero_si256();
   const float* levels = enc.t->levels;
-  __m256i bad = zero;
+  __m256i bad = _mm256_setzero_si256();
   int64_t i = 0;
   for (; i + 32 <= n; i += 32) {
     __m256i u[4], m[4], idx[4], e[4];
     for (int j = 0; j < 4; ++j) {
       u[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i + 8 * j));
-      m[j] = _mm256_and_si256(u[j], abs_mask);
-      bad = _mm256_or_si256(bad, _mm256_cmpgt_epi32(m[j], inf_bits));
+      m[j] = abs8(u[j]);
+      bad = flag_non_finite(bad, m[j]);
       idx[j] = _mm256_srl_epi32(m[j], shift);
     }
     lookup32(enc.table.data(), idx, e);
@@ -176,12 +157,7 @@ __attribute__((target("avx2"))) bool avx2_levels(const BucketEncoder& enc, const
     }
     for (int k = 0; k < 32; ++k) lv32[k] = levels[b32[k]];
     for (int j = 0; j < 4; ++j) {
-      const __m256 lv = _mm256_load_ps(lv32 + 8 * j);
-      // negate the level for negative x (xor: levels may be negative for
-      // beta < 0); exact zero stays zero
-      __m256i v = _mm256_xor_si256(_mm256_castps_si256(lv), _mm256_and_si256(u[j], sign_mask));
-      v = _mm256_andnot_si256(_mm256_cmpeq_epi32(m[j], zero), v);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i + 8 * j), v);
+      store_levels8(u[j], m[j], _mm256_load_ps(lv32 + 8 * j), out + i + 8 * j);
     }
   }
   const bool good = _mm256_testz_si256(bad, bad) != 0;

@@ -6,7 +6,7 @@
 #include "cpu_kernels.h"
 
 #ifdef DNATEQ_X86
-#include <immintrin.h>
+#include "encode_avx2.h"
 #endif
 
 namespace dnateq {
@@ -97,29 +97,17 @@ template <typename Finder>
 __attribute__((target("avx2"))) bool avx2_codes(const ExpTables& t, const float* x, int64_t n,
                                                 int8_t* out) {
   const Finder biased(t);
-  const __m256i abs_mask = _mm256_set1_epi32(0x7fffffff);
-  const __m256i inf_bits = _mm256_set1_epi32(0x7f7fffff);
-  const __m256i zero = _mm256_setzero_si256();
-  const __m256i k128 = _mm256_set1_epi32(128);
-  // packs interleave 128-bit halves; this restores element order.
-  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-  __m256i bad = zero;
+  __m256i bad = _mm256_setzero_si256();
   int64_t i = 0;
   for (; i + 32 <= n; i += 32) {
     __m256i c[4];
     for (int j = 0; j < 4; ++j) {
       const __m256i u = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i + 8 * j));
-      const __m256i m = _mm256_and_si256(u, abs_mask);
-      bad = _mm256_or_si256(bad, _mm256_cmpgt_epi32(m, inf_bits));
-      const __m256i b = biased(_mm256_castsi256_ps(m));
-      // int8 code as a signed value: b, or b - 128 (sign bit set); 0 for zero.
-      const __m256i v = _mm256_sub_epi32(b, _mm256_and_si256(_mm256_srai_epi32(u, 31), k128));
-      c[j] = _mm256_andnot_si256(_mm256_cmpeq_epi32(m, zero), v);
+      const __m256i m = abs8(u);
+      bad = flag_non_finite(bad, m);
+      c[j] = code8(u, m, biased(_mm256_castsi256_ps(m)));
     }
-    const __m256i p01 = _mm256_packs_epi32(c[0], c[1]);
-    const __m256i p23 = _mm256_packs_epi32(c[2], c[3]);
-    const __m256i p = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(p01, p23), order);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), p);
+    store_codes32(c, out + i);
   }
   bool good = _mm256_testz_si256(bad, bad) != 0;
   for (; i < n; ++i) {
@@ -134,22 +122,13 @@ __attribute__((target("avx2"))) bool avx2_levels(const ExpTables& t, const float
                                                  float* out) {
   const Finder biased(t);
   const Levels levels(t);
-  const __m256i abs_mask = _mm256_set1_epi32(0x7fffffff);
-  const __m256i inf_bits = _mm256_set1_epi32(0x7f7fffff);
-  const __m256i sign_mask = _mm256_set1_epi32(static_cast<int>(0x80000000u));
-  const __m256i zero = _mm256_setzero_si256();
-  __m256i bad = zero;
+  __m256i bad = _mm256_setzero_si256();
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
     const __m256i u = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i));
-    const __m256i m = _mm256_and_si256(u, abs_mask);
-    bad = _mm256_or_si256(bad, _mm256_cmpgt_epi32(m, inf_bits));
-    const __m256 lv = levels(biased(_mm256_castsi256_ps(m)));
-    // negate the level for negative x (xor: levels may be negative for
-    // beta < 0); exact zero stays zero
-    __m256i v = _mm256_xor_si256(_mm256_castps_si256(lv), _mm256_and_si256(u, sign_mask));
-    v = _mm256_andnot_si256(_mm256_cmpeq_epi32(m, zero), v);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), v);
+    const __m256i m = abs8(u);
+    bad = flag_non_finite(bad, m);
+    store_levels8(u, m, levels(biased(_mm256_castsi256_ps(m))), out + i);
   }
   bool good = _mm256_testz_si256(bad, bad) != 0;
   for (; i < n; ++i) {
