@@ -10,6 +10,7 @@
 // decoder (tested against exp_unpack + exp_dequantize).
 #include <algorithm>
 #include <cstring>
+#include <vector>
 
 #include "cpu_kernels.h"
 
@@ -187,17 +188,14 @@ void dot_packed_row(const uint8_t* row, int64_t K, int64_t row_bytes, int b,
   static const bool fma = cpu_has_avx2() && __builtin_cpu_supports("fma");
   if (fma) return avx2_dot(row, K, row_bytes, b, lut, x, ldx, M, out);
 #endif
-  constexpr int64_t kChunk = 256;
-  float w[kChunk];
-  for (int m = 0; m < M; ++m) out[m] = 0.f;
-  for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
-    const int64_t len = std::min(kChunk, K - k0);
-    for (int64_t i = 0; i < len; ++i) w[i] = lut[field_at(row, row_bytes, k0 + i, b)];
-    for (int m = 0; m < M; ++m) {
-      float s = 0.f;
-      for (int64_t i = 0; i < len; ++i) s += x[m * ldx + k0 + i] * w[i];
-      out[m] += s;
-    }
+  // Portable path: decode the row with the portable decoder, then dot.
+  static thread_local std::vector<float> w;
+  w.resize(static_cast<size_t>(K));
+  decode_row(row, K, b, lut, w.data());
+  for (int m = 0; m < M; ++m) {
+    float s = 0.f;
+    for (int64_t i = 0; i < K; ++i) s += x[m * ldx + i] * w[i];
+    out[m] = s;
   }
 }
 
