@@ -53,23 +53,33 @@ def test_linear_lut_matches_oracle(bits, rounding, dtype):
                          f"M,K,N={M},{K},{N}")
 
 
+def _check_linear_lut_shapes(g, shapes, bits, w_signed, with_bias=(True,)):
+    """exp_linear_lut against the oracle on [M, K] x [N, K] layers, with a
+    bias and/or without."""
+    for (M, K, N) in shapes:
+        x = make_data((M, K), g, zero_frac=0.2)
+        w = make_data((N, K), g, "student", signed=w_signed)
+        bias = torch.randn(N, generator=g)
+        p, w_codes, packed = _layer(x, w, bits, "nearest", w_signed)
+        a_hat, w_hat = _hats(x, w_codes, p, bits, "nearest")
+        for b in (bias if on else None for on in with_bias):
+            got = dnateq.exp_linear_lut(x, packed, [N, K], *p, bits, True, w_signed,
+                                        "nearest", b)
+            exp = ref.exp_linear_lut(x, packed, [N, K], *p, bits, True, w_signed, "nearest", b)
+            assert got.shape == (M, N)
+            assert_close_rel(got, exp, linear_mag(a_hat, w_hat, b), 1e-5, 1e-5,
+                             f"M,K,N={M},{K},{N} bias={b is not None}")
+
+
 @pytest.mark.parametrize("bits,w_signed", [(2, False), (2, True), (4, False), (5, True),
                                            (7, False), (7, True)])
 def test_linear_lut_gemv_paths(bits, w_signed):
     """The fused decode-and-dot kernel for 1..4 rows: every packed field width
     2..8, rows that are not a multiple of 8 fields, and rows longer than one
     1024-field chunk."""
-    g = gen(seed_of("llut-gemv", bits, w_signed))
-    for (M, K, N) in [(1, 8, 3), (2, 1031, 5), (3, 4100, 4), (4, 17, 9)]:
-        x = make_data((M, K), g, zero_frac=0.2)
-        w = make_data((N, K), g, "student", signed=w_signed)
-        bias = torch.randn(N, generator=g)
-        p, w_codes, packed = _layer(x, w, bits, "nearest", w_signed)
-        a_hat, w_hat = _hats(x, w_codes, p, bits, "nearest")
-        got = dnateq.exp_linear_lut(x, packed, [N, K], *p, bits, True, w_signed, "nearest", bias)
-        exp = ref.exp_linear_lut(x, packed, [N, K], *p, bits, True, w_signed, "nearest", bias)
-        assert_close_rel(got, exp, linear_mag(a_hat, w_hat, bias), 1e-5, 1e-5,
-                         f"M,K,N={M},{K},{N}")
+    _check_linear_lut_shapes(gen(seed_of("llut-gemv", bits, w_signed)),
+                             [(1, 8, 3), (2, 1031, 5), (3, 4100, 4), (4, 17, 9)],
+                             bits, w_signed)
 
 
 @pytest.mark.parametrize("bits,w_signed", [(2, True), (4, True), (5, False), (7, True)])
@@ -77,20 +87,9 @@ def test_linear_lut_gemm_paths(bits, w_signed):
     """The batched CPU paths: panels of weight rows decoded into a per-thread
     buffer (small activations, ragged last panel, bias slices), and the whole
     weight decoded once (activations above 2^18 floats)."""
-    g = gen(seed_of("llut-gemm", bits, w_signed))
-    for (M, K, N) in [(5, 33, 17), (64, 1000, 300), (37, 4099, 70), (300, 1024, 40)]:
-        x = make_data((M, K), g, zero_frac=0.2)
-        w = make_data((N, K), g, "student", signed=w_signed)
-        bias = torch.randn(N, generator=g)
-        p, w_codes, packed = _layer(x, w, bits, "nearest", w_signed)
-        a_hat, w_hat = _hats(x, w_codes, p, bits, "nearest")
-        for b in (bias, None):
-            got = dnateq.exp_linear_lut(x, packed, [N, K], *p, bits, True, w_signed,
-                                        "nearest", b)
-            exp = ref.exp_linear_lut(x, packed, [N, K], *p, bits, True, w_signed, "nearest", b)
-            assert got.shape == (M, N)
-            assert_close_rel(got, exp, linear_mag(a_hat, w_hat, b), 1e-5, 1e-5,
-                             f"M,K,N={M},{K},{N} bias={b is not None}")
+    _check_linear_lut_shapes(gen(seed_of("llut-gemm", bits, w_signed)),
+                             [(5, 33, 17), (64, 1000, 300), (37, 4099, 70), (300, 1024, 40)],
+                             bits, w_signed, with_bias=(True, False))
 
 
 @pytest.mark.parametrize("bits", [3, 5])
