@@ -1,0 +1,180 @@
+"""Sensitivity-guided bit allocation (issue 12, item 2; SPEC section 9 "Bit choice").
+
+Beside the paper's threshold rule (which looks at each tensor's RMAE only),
+this allocation measures what each layer's quantization does to the model:
+
+1. :func:`measure_sensitivity`: for every layer and every candidate ``n``,
+   only that layer is quantized (the rest stays float) and the model's
+   output on a few calibration inputs is compared with the float output:
+   ``loss = sum ||y_q - y||^2 / sum ||y||^2`` (relative squared error, which
+   adds up over layers whose errors are independent).
+2. :func:`greedy_path`: from every layer at the largest ``n``, repeatedly
+   lower the one layer (to any smaller ``n``) that adds the least loss per
+   weight-bit saved, until every layer is at the smallest ``n``. Each point
+   of the path is the best configuration found for its average bits
+   (weighted by weight count, the paper's convention); losses are first
+   made monotone in ``n`` (fewer bits never measure better).
+3. :func:`at_budget` takes the first path point within an average-bits
+   budget; :func:`search_path` bisects the path for the cheapest point whose
+   quality loss (``eval_fn`` or the proxy) stays within ``max_loss``: about
+   ``log2(path length)`` evaluations.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+__all__ = ["relative_error", "measure_sensitivity", "monotone", "greedy_path", "avg_bits",
+           "at_budget", "predicted_loss", "search_path"]
+
+
+def _get_parent(root: nn.Module, name: str):
+    parts = name.split(".")
+    m = root
+    for p in parts[:-1]:
+        m = getattr(m, p)
+    return m, parts[-1]
+
+
+def _swap(root: nn.Module, name: str, module: nn.Module) -> nn.Module:
+    parent, attr = _get_parent(root, name)
+    old = getattr(parent, attr)
+    setattr(parent, attr, module)
+    return old
+
+
+def relative_error(ref: Sequence[torch.Tensor], out: Sequence[torch.Tensor]) -> float:
+    """``sum ||out - ref||^2 / sum ||ref||^2`` over the pairs (float64)."""
+    num = den = 0.0
+    for r, o in zip(ref, out):
+        r = r.detach().double()
+        num += float((o.detach().double() - r).pow(2).sum())
+        den += float(r.pow(2).sum())
+    return num / max(den, 1e-300)
+
+
+def measure_sensitivity(work: nn.Module, names: Sequence[str], bits: Sequence[int],
+                        build: Callable[[str, int], nn.Module], inputs: Sequence[Any],
+                        run: Callable[[nn.Module, Any], torch.Tensor],
+                        after_swap: Optional[Callable[[nn.Module], None]] = None,
+                        progress: Optional[Callable] = None) -> Dict[str, Dict[int, float]]:
+    """``{layer: {n: loss}}``: the relative output error of ``work`` (evaluated by
+    ``run(model, input) -> tensor`` on ``inputs``) with only that layer
+    replaced by ``build(layer, n)``. ``work`` is restored after each layer."""
+    with torch.no_grad():
+        ref = [run(work, x).detach() for x in inputs]
+    out: Dict[str, Dict[int, float]] = {}
+    it = names if progress is None else progress(names)
+    for n in it:
+        out[n] = {}
+        orig = None
+        try:
+            for b in sorted(bits):
+                q = build(n, b)
+                prev = _swap(work, n, q)
+                if orig is None:
+                    orig = prev
+                if after_swap is not None:
+                    after_swap(work)
+                with torch.no_grad():
+                    outs = [run(work, x) for x in inputs]
+                out[n][int(b)] = relative_error(ref, outs)
+        finally:
+            if orig is not None:
+                _swap(work, n, orig)
+    return out
+
+
+def monotone(losses: Mapping[int, float]) -> Dict[int, float]:
+    """``L(n) = max_{n' >= n} loss(n')``: fewer bits never cost less."""
+    out: Dict[int, float] = {}
+    run = -math.inf
+    for b in sorted(losses, reverse=True):
+        v = float(losses[b])
+        run = max(run, v if math.isfinite(v) else math.inf)
+        out[b] = run
+    return out
+
+
+def avg_bits(cfg: Mapping[str, int], counts: Mapping[str, int]) -> float:
+    """Weight-count-weighted average of ``n`` (the paper's convention)."""
+    tot = sum(int(counts[n]) for n in cfg)
+    return sum(int(b) * int(counts[n]) for n, b in cfg.items()) / max(tot, 1)
+
+
+def predicted_loss(cfg: Mapping[str, int], sens: Mapping[str, Mapping[int, float]]) -> float:
+    """The additive estimate ``sum_layers L_layer(n_layer)``."""
+    return sum(monotone(sens[n])[b] for n, b in cfg.items())
+
+
+def greedy_path(sens: Mapping[str, Mapping[int, float]], counts: Mapping[str, int],
+                bits: Sequence[int]) -> List[Dict[str, int]]:
+    """Configurations from all-``max(bits)`` to all-``min(bits)``, each one layer
+    lower than the previous: the move with the least loss added per
+    weight-bit saved (ties: more bits saved, then execution order)."""
+    bits = sorted(int(b) for b in bits)
+    names = list(sens)
+    L = {n: monotone(sens[n]) for n in names}
+    cfg = {n: bits[-1] for n in names}
+    path = [dict(cfg)]
+    while True:
+        best = None
+        for i, n in enumerate(names):
+            b = cfg[n]
+            for b2 in bits:
+                if b2 >= b:
+                    break
+                dl = max(L[n][b2] - L[n][b], 0.0)
+                db = (b - b2) * max(int(counts[n]), 1)
+                key = (dl / db, -db, i)
+                if best is None or key < best[0]:
+                    best = (key, n, b2)
+        if best is None:
+            break
+        cfg[best[1]] = best[2]
+        path.append(dict(cfg))
+    return path
+
+
+def at_budget(path: Sequence[Mapping[str, int]], counts: Mapping[str, int],
+              budget: float) -> Dict[str, int]:
+    """The first (highest-quality) path point whose average bits is within
+    ``budget`` (the last point when none is)."""
+    for cfg in path:
+        if avg_bits(cfg, counts) <= float(budget) + 1e-9:
+            return dict(cfg)
+    return dict(path[-1])
+
+
+def search_path(path: Sequence[Mapping[str, int]], evaluate: Callable[[Mapping[str, int]], float],
+                base: float, max_loss: float) -> Tuple[Optional[int], List[Dict[str, Any]]]:
+    """Bisect ``path`` for the last point whose loss ``base - evaluate(cfg)`` is
+    within ``max_loss`` (quality assumed to fall along the path). Returns
+    ``(index or None when even path[0] fails, history)``; each history entry
+    holds ``index, quality, loss, passed``."""
+    hist: List[Dict[str, Any]] = []
+    seen: Dict[int, bool] = {}
+
+    def ok(i: int) -> bool:
+        if i not in seen:
+            q = float(evaluate(path[i]))
+            seen[i] = base - q <= max_loss
+            hist.append(dict(index=i, quality=q, loss=base - q, passed=seen[i]))
+        return seen[i]
+
+    last = len(path) - 1
+    if ok(last):
+        return last, hist
+    if not ok(0):
+        return None, hist
+    lo, hi = 0, last          # ok(lo), not ok(hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if ok(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo, hist
