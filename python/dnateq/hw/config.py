@@ -38,6 +38,8 @@ _HOROWITZ = "Horowitz 2014 (ISSCC, 45 nm)"
 _SEED0 = "seed 000 (DNA-TEQ evaluation)"
 _SEED1 = "seed 001 (DNA-TEQ paper, Sec. III-C)"
 _SPEC = "SPEC section 1"
+_DRAMSIM = "DRAMSim3 HMC_4GB_4Lx16.ini"
+_INTEL32 = "Intel 32 nm (IEDM 2008)"
 _CHOICE = "choice"
 
 #: Full references of the short source names used in the table.
@@ -51,6 +53,18 @@ SOURCES: Dict[str, str] = {
     _SEED1: "DNA-TEQ, Sec. III-C: quantization unit with 8 comparators, Array Counters "
             "with 8-bit entries, FP16 LUT of base powers, three pipeline stages.",
     _SPEC: "dnateq SPEC section 1: packed codes take n + 1 bits when signed, n when not.",
+    _DRAMSIM: "DRAMSim3 (Li et al., IEEE CAL 2020), configs/HMC_4GB_4Lx16.ini: the 4 GB, "
+              "4-die, 16-vault stack of seed 000 (16 banks per vault, 65536 rows x 64 "
+              "columns x 32 bits = 256 B rows, 64 B blocks, tCK 0.8 ns, 32-bit DDR vault bus "
+              "= 10 GB/s, CLOSE_PAGE, address mapping rocorabgbach), and DRAMSim3's energy "
+              "formulas (src/configuration.cc, Config::InitPowerParams).",
+    _INTEL32: "S. Natarajan et al., 'A 32nm logic technology featuring 2nd-generation "
+              "high-k + metal-gate transistors, enhanced channel strain and 0.171 um2 SRAM "
+              "cell size in a 291Mb array', IEDM 2008.",
+    "seed 002 (MAC synthesis)": "Course report (CPRE 482X): 4/8/32-bit MACs synthesized "
+                                "with Cadence Genus at a 1.5 ns clock; 8-bit 455.4 um2 and "
+                                "130.879 uW, 32-bit 4857.48 um2 and 1583.47 uW, 4-bit "
+                                "47.0463 uW (Figs. 6-13).",
     _CHOICE: "our choice where the seeds are silent; the reasoning is in the field's doc.",
 }
 
@@ -108,20 +122,34 @@ class HWConfig:
                                "on-chip data buffer of a PE (inputs, outputs, weights)",
                                lo_open=True)
     counter_sram_bytes_per_unit: float = _f(
-        384.0, "B per Counter-Set", _SEED0,
-        "Array-Counter SRAM of one DNA-TEQ unit: the seed's 6 KB more per PE over 16 units "
-        "(area only; it holds counts, not data)")
+        512.0, "B per Counter-Set", _SEED1,
+        "Array-Counter SRAM of one DNA-TEQ unit, sized for 7-bit exponents: AC1 16 banks x 16 "
+        "entries + AC2, AC3 16 x 8 entries of 8 bits = 256 + 128 + 128 B (seed 000's '6 KB "
+        "more per PE' over 16 units would be 384 B, too small for 7-bit layers)")
     resident_fraction: float = _f(
         0.5, "fraction", _CHOICE,
         "share of a PE's data buffer that keeps the reused operand (a group's weights or a "
         "position's inputs) across tiles; the rest double-buffers the streamed operand and "
         "the outputs", lo_open=True, hi=1.0)
-    fp_units_per_unit: int = _f(
-        1, "FP16 mul+add per unit", _CHOICE,
-        "FP16 multiply-add units beside each MAC / Counter-Set for post-processing (DNA-TEQ: "
-        "count x LUT products, coefficients) and de-quantization (INT8); the same number in "
-        "both designs, as the seed's fair comparison keeps the FP multipliers equal",
-        kind="int", lo=1)
+    fp_units_per_pe: int = _f(
+        16, "FP16 mul+add per PE", _CHOICE,
+        "FP16 multiply-add units of a PE for post-processing (DNA-TEQ: count x LUT products, "
+        "coefficients) and de-quantization (INT8); the same number in both designs, as the "
+        "seed's fair comparison keeps the FP multipliers equal. Default one per unit; the "
+        "paper's 'small set of multipliers and accumulators' may be fewer (swept in "
+        "dnateq.hw.sensitivity)", kind="int", lo=1)
+    double_buffered_counters: bool = _f(
+        True, "bool", _CHOICE,
+        "two Array-Counter banks per Counter-Set, so the post-processing of a tile overlaps "
+        "the counting of the next (per tile max(count, post) cycles); False: one bank, the "
+        "tile counts then post-processes (count + post). The second bank's SRAM is charged "
+        "in the area", kind="bool")
+    offline_terms: bool = _f(
+        True, "bool", _SEED1,
+        "C2 and C4 of layers with unsigned activations are precomputed offline (the paper: "
+        "'for the majority of DNN layers') and corrected at run time for the zero "
+        "activations (SPEC section 4); False: every term is counted at run time",
+        kind="bool")
     quant_comparators: int = _f(
         8, "comparators", _SEED1,
         "comparators of the DNA-TEQ quantization unit; each round compares against that "
@@ -140,6 +168,12 @@ class HWConfig:
                           "storage of activations no quantized layer consumes: the network "
                           "output and the Q/K/V projections' outputs (the attention core "
                           "takes FP16)", kind="int", lo=1, hi=64)
+    dram_model: bool = _f(
+        True, "bool", _CHOICE,
+        "True: the 3D-stacked DRAM model (dnateq.hw.memory: vault placement, bursts, row "
+        "buffer, refresh, background power, buffer-limited overlap of tiles); False: the "
+        "earlier roofline (aggregate bandwidth, max(compute, memory), energy per bit)",
+        kind="bool")
     count_sign_bit: bool = _f(True, "bool", _SPEC,
                               "True: a signed DNA-TEQ tensor moves n + 1 bits per element "
                               "(the packed format); False: the paper's n-only convention",
@@ -181,10 +215,81 @@ class HWConfig:
         "3D-stacked DRAM access inside the stack (no off-package I/O): below Horowitz's "
         "10 pJ/bit floor for DRAM with improved off-chip I/O, the order HMC-class stacks "
         "are credited with")
+    # -- 3D-stacked DRAM (dram_model=True; DRAMSim3 HMC_4GB_4Lx16.ini) ----------------
+    dram_burst_bytes: float = _f(64.0, "B", _DRAMSIM,
+                                 "access granularity (block_size): every access moves whole "
+                                 "bursts", lo_open=True)
+    dram_bus_bits: float = _f(32.0, "bits", _DRAMSIM, "vault data bus width (bus_width)",
+                              lo_open=True)
+    dram_row_bytes: float = _f(256.0, "B", _DRAMSIM,
+                               "row (page) of one bank: 64 columns x 32 bits", lo_open=True)
+    dram_banks_per_vault: int = _f(16, "banks", _DRAMSIM, "banks_per_group x bankgroups",
+                                   kind="int", lo=1)
+    dram_open_page: bool = _f(False, "bool", _DRAMSIM,
+                              "row-buffer policy: False = CLOSE_PAGE (the config's: every "
+                              "burst activates its row), True = open page (bursts of a "
+                              "stream that share a row hit it)", kind="bool")
+    dram_tck_ns: float = _f(0.8, "ns", _DRAMSIM, "DRAM clock period tCK (1.25 GHz)", lo_open=True)
+    dram_tras: float = _f(34.0, "tCK", _DRAMSIM, "row active time tRAS", lo_open=True)
+    dram_trp: float = _f(17.0, "tCK", _DRAMSIM, "precharge time tRP (tRCD is also 17)", lo_open=True)
+    dram_trfc: float = _f(420.0, "tCK", _DRAMSIM, "refresh cycle time tRFC (all banks)")
+    dram_trefi: float = _f(9364.0, "tCK", _DRAMSIM, "average refresh interval tREFI", lo_open=True)
+    dram_tfaw: float = _f(27.0, "tCK", _DRAMSIM, "four-activate window tFAW (per vault)")
+    dram_vdd: float = _f(1.2, "V", _DRAMSIM, "DRAM supply voltage VDD")
+    dram_idd0: float = _f(25.0, "mA", _DRAMSIM, "IDD0, activate-precharge current")
+    dram_idd2n: float = _f(19.0, "mA", _DRAMSIM, "IDD2N, precharge standby current")
+    dram_idd3n: float = _f(21.0, "mA", _DRAMSIM, "IDD3N, active standby current")
+    dram_idd4r: float = _f(64.0, "mA", _DRAMSIM, "IDD4R, burst read current")
+    dram_idd4w: float = _f(61.0, "mA", _DRAMSIM, "IDD4W, burst write current")
+    dram_idd5ab: float = _f(150.0, "mA", _DRAMSIM, "IDD5AB, all-bank refresh current")
+    dram_cl: float = _f(17.0, "tCK", _DRAMSIM, "CAS latency CL (access latency of a read)")
+    stream_prefetch: bool = _f(
+        False, "bool", _CHOICE,
+        "False: tile-granular double buffering (a tile's streamed data is fetched during the "
+        "previous tile only if both fit the buffer's stream share, else the tile waits); "
+        "True: burst-granular streaming whose bandwidth is bounded by the bytes in flight "
+        "(stream share / access latency, Little's law)", kind="bool")
+    noc_cycles_per_hop: float = _f(2.0, "logic cycles", _CHOICE,
+                                   "router + link latency of one mesh hop (stream_prefetch)")
+    noc_pj_per_bit_hop: float = _f(
+        0.1, "pJ/bit/hop", _CHOICE,
+        "logic-die mesh energy for remote-vault traffic (router + link of one hop at 28-45 nm "
+        "is of this order; swept 0..0.5 in dnateq.hw.sensitivity)")
     static_mw_per_mm2: float = _f(
         20.0, "mW/mm2", _CHOICE,
         "leakage of the logic die per mm2 of modelled area (low-power 28/32 nm order); "
         "static energy = this x area x latency, so faster designs save it (set 0 to drop)")
+
+    # -- unit costs predicted from synthesis points (dnateq.hw.units) ---------------
+    predicted_units: bool = _f(
+        True, "bool", _CHOICE,
+        "True: unit energies and all areas predicted by the MAC regression of seed 002's "
+        "synthesis points (dnateq.hw.units), anchored once to seed 000's 8-bit MAC area; "
+        "False: Horowitz's per-operation energies and the areas back-solved from seed 000",
+        kind="bool")
+    adder_share_of_bit: float = _f(
+        0.5, "fraction", _CHOICE,
+        "share of one regression 'adder + register' bit that is the adder (a full-adder "
+        "cell and a flip-flop are of similar size); swept 0.3..0.7", lo_open=True, hi=1.0)
+    mux_cost_of_bit: float = _f(
+        0.25, "fraction", _CHOICE,
+        "a 2:1 multiplexer bit as a fraction of one 'adder + register' bit (half an adder "
+        "bit); swept 0.1..0.5")
+    controller_bits: float = _f(
+        16.0, "adder+register bits", _CHOICE,
+        "the Counter-Set's controller, as so many adder-and-register bits; swept 0..64")
+    sram_bitcell_um2: float = _f(
+        0.171, "um2 per bit", _INTEL32,
+        "6T SRAM cell of Intel's 32 nm process (Natarajan et al., IEDM 2008: 0.171 um2)",
+        lo_open=True)
+    sram_array_efficiency: float = _f(
+        0.4, "fraction", _CHOICE,
+        "cell area / array area of KB-sized buffers (periphery, sense amplifiers and "
+        "decoders dominate small arrays); swept 0.2..0.7", lo_open=True, hi=1.0)
+    control_overhead: float = _f(
+        0.1, "fraction", _CHOICE,
+        "PE control, pipeline registers and interconnect as a fraction of the PE's logic "
+        "(units, FP units, quantization); swept 0..0.3")
 
     # -- area (seed 000, 32 nm) ----------------------------------------------------
     area_mac_um2: float = _f(0.67e6 / _SEED_UNITS, "um2", _SEED0,
@@ -222,17 +327,24 @@ class HWConfig:
         return self.sram_kb_per_pe * 1024.0
 
     def area_mm2(self, design: str) -> float:
-        """Logic-die area of ``design`` ("int8" or "dnateq"), mm2: per PE, the units,
-        the data buffer (plus the Counter-Set SRAM for DNA-TEQ) and the shared logic."""
+        """Logic-die area of ``design``, mm2. ``predicted_units=True``: the predicted
+        breakdown of :func:`dnateq.hw.units.area_breakdown` (any design of
+        :data:`dnateq.hw.units.ALL_DESIGNS`); False: per PE, the units, the data buffer
+        (plus seed 000's 6 KB of Counter-Set SRAM for DNA-TEQ) and the shared logic,
+        with the per-unit areas back-solved from seed 000."""
+        if self.predicted_units:
+            from .units import area_mm2
+            return area_mm2(self, design)
         u = self.units_per_pe
         if design == "int8":
             unit = u * self.area_mac_um2 * 1e-6
             sram_kb = self.sram_kb_per_pe
         elif design == "dnateq":
             unit = u * self.area_counter_set_um2 * 1e-6
-            sram_kb = self.sram_kb_per_pe + u * self.counter_sram_bytes_per_unit / 1024.0
+            sram_kb = self.sram_kb_per_pe + u * 384.0 / 1024.0     # seed 000: 6 KB / 16
         else:
-            raise ValueError(f"dnateq.hw: design must be 'int8' or 'dnateq', got {design!r}")
+            raise ValueError(f"dnateq.hw: design must be 'int8' or 'dnateq' with "
+                         f"predicted_units=False, got {design!r}")
         return self.num_pes * (unit + sram_kb * self.area_sram_mm2_per_kb
                                + self.area_pe_other_mm2)
 

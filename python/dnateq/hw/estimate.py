@@ -28,8 +28,8 @@ __all__ = ["estimate", "evaluate", "HWEstimate", "check_bits"]
 
 _LABEL = {"int8": "INT8", "dnateq": "DNA-TEQ"}
 ESTIMATE_NOTE = ("analytical estimate, not a measurement: operation counts x per-operation "
-                 "energies, a dataflow traffic model and a roofline latency (dnateq.hw, "
-                 "SPEC section 8)")
+                 "energies, a dataflow traffic model on a 3D-stacked DRAM model and a "
+                 "tile schedule (dnateq.hw, SPEC section 8)")
 
 # Per design, the totals are sums of these row fields.
 _SUMMED = ("energy_pj", "op_energy_pj", "latency_s", "compute_s", "memory_s", "steps",
@@ -196,7 +196,8 @@ class HWEstimate:
             lbl.set_visible(False)
         # stacked breakdown of the totals
         bottoms = [0.0, 0.0]
-        palette = ["#55a868", "#c44e52", "#8172b2", "#937860", "#da8bc3", "#8c8c8c"]
+        palette = ["#55a868", "#c44e52", "#8172b2", "#937860", "#da8bc3", "#ccb974",
+                   "#64b5cd", "#8c8c8c"]
         for k, col in zip(ENERGY_TERMS, palette):
             vals = [self.totals[d][f"energy_{k}_pj"] / 1e6 for d in DESIGNS]
             ax_b.bar([0, 1], vals, 0.6, bottom=bottoms, label=k, color=col)

@@ -83,7 +83,13 @@ __all__ = ["storage_bits", "lut_bins", "quant_rounds", "num_thresholds", "choose
 
 DESIGNS = ("int8", "dnateq")
 #: Energy components of every row and total, in this order.
-ENERGY_TERMS = ("compute", "postproc", "quant", "sram", "dram", "static")
+ENERGY_TERMS = ("compute", "postproc", "quant", "sram", "dram", "dram_static", "noc", "static")
+#: Row fields that scale with the number of identical calls (``LayerShape.repeat``).
+_EXTENSIVE = ("steps", "counter_updates", "fp_mul", "fp_add", "int_adds", "comparisons",
+              "reg_bytes", "weight_bytes", "input_bytes", "output_bytes", "param_bytes",
+              "dram_bytes", "dram_payload_bytes", "sram_bytes", "cycles", "count_cycles",
+              "post_cycles", "quant_cycles", "compute_s", "memory_s", "latency_s",
+              "halo_bytes", "remote_bytes", "activations", "energy_pj", "op_energy_pj")
 _INT8_BITS = 8
 
 
@@ -166,16 +172,20 @@ def choose_mapping(layer: LayerShape, cfg: HWConfig) -> str:
 
 def layer_cost(layer: LayerShape, cfg: HWConfig, design: str, *, n: Optional[int],
                out_bits: float, area_mm2: float, mapping: str) -> Dict[str, Any]:
-    """All cost terms of ``layer`` on ``design`` ("int8" or "dnateq").
+    """All cost terms of ``layer`` on ``design`` ("int8", "int4", "lightpe1",
+    "lightpe2" or "dnateq"; see :data:`dnateq.hw.units.ALL_DESIGNS`).
 
     ``n``: the exponent bits a DNA-TEQ layer runs at (None, or a float layer, or
-    ``design="int8"``: the INT8 formulas). ``out_bits``: storage bits of the
+    a uniform design: that design's formulas; float layers run as INT8 on the
+    DNA-TEQ design). ``out_bits``: storage bits of the
     layer's outputs (the consumer's input format). ``area_mm2``: the design's
     area, for the static energy. Returns a flat dict (counts, bytes, cycles,
     seconds, pJ per energy term, ``energy_pj``, ``latency_s``, ``bound``)."""
-    if design not in DESIGNS:
-        raise ValueError(f"dnateq.hw: design must be one of {DESIGNS}, got {design!r}")
+    from .units import ALL_DESIGNS, UNIFORM_DESIGNS, unit_costs
+    if design not in ALL_DESIGNS:
+        raise ValueError(f"dnateq.hw: design must be one of {ALL_DESIGNS}, got {design!r}")
     exp = design == "dnateq" and layer.quantized and n is not None
+    uc = unit_costs(cfg) if cfg.predicted_units else None
     K, N, P = layer.K, layer.N, layer.P
     U, PEs = cfg.units_per_pe, cfg.num_pes
     outputs = N * P
@@ -187,9 +197,17 @@ def layer_cost(layer: LayerShape, cfg: HWConfig, design: str, *, n: Optional[int
     c: Dict[str, Any] = {}
 
     if not exp:
-        w_bits = a_bits = _INT8_BITS
-        e_step = (cfg.e_int8_mul_pj + cfg.e_int32_add_pj
-                  + cfg.accumulator_bits / 8.0 * cfg.e_reg_pj_per_byte)
+        udesign = design if design in UNIFORM_DESIGNS else "int8"
+        w_bits, a_bits, unit = UNIFORM_DESIGNS[udesign]
+        if uc is not None:
+            e_step = uc["mac8" if unit == "mac" and w_bits == 8 else
+                        "mac4" if unit == "mac" else unit]["energy_pj"]
+        else:
+            if udesign != "int8":
+                raise ValueError(f"dnateq.hw: design {design!r} needs predicted_units=True "
+                                 "(its unit costs come from the synthesis regression)")
+            e_step = (cfg.e_int8_mul_pj + cfg.e_int32_add_pj
+                      + cfg.accumulator_bits / 8.0 * cfg.e_reg_pj_per_byte)
         counter_updates = 0
         fp_mul = outputs + layer.in_elems          # de-quantize outputs, quantize inputs
         fp_add = outputs                           # bias
@@ -202,15 +220,17 @@ def layer_cost(layer: LayerShape, cfg: HWConfig, design: str, *, n: Optional[int
         channel_params = layer.bias * pb
         e_compute = steps * e_step
         e_post = outputs * (cfg.e_fp16_mul_pj + cfg.e_fp16_add_pj)
-        e_quant = layer.in_elems * (cfg.e_fp16_mul_pj + 2 * cfg.e_compare_pj)
-        fmt = "INT8"
+        e_cmp = uc["comparator"]["energy_pj"] if uc is not None else cfg.e_compare_pj
+        e_quant = layer.in_elems * (cfg.e_fp16_mul_pj + 2 * e_cmp)
+        fmt = {"int8": "INT8", "int4": "INT4", "lightpe1": "LightPE-1 (W4A8)",
+               "lightpe2": "LightPE-2 (W8A8)"}[udesign]
     else:
         n = int(n)
         w_bits = storage_bits(n, layer.w_signed, cfg.count_sign_bit)
         a_bits = storage_bits(n, layer.a_signed, cfg.count_sign_bit)
         # A negative input reaching an unsigned layer makes it count C2 directly
         # (SPEC section 1); so do signed layers.
-        signed_count = layer.a_signed or layer.input_negative
+        signed_count = layer.a_signed or layer.input_negative or not cfg.offline_terms
         corr = 0 if signed_count else int(layer.corr_updates)
         term2_runtime = signed_count or corr > 0
         b1, be = lut_bins(n)
@@ -218,9 +238,16 @@ def layer_cost(layer: LayerShape, cfg: HWConfig, design: str, *, n: Optional[int
             b1, be = min(b1, K), min(be, K)
         bins = b1 + be + (be if term2_runtime else 0)
         counter_updates = steps * (3 if signed_count else 2) + corr
-        e_update = (2 * cfg.counter_bits / 8.0 * cfg.e_reg_pj_per_byte
-                    + cfg.counter_bits / 8.0 * cfg.e_int8_add_pj)
-        e_step = (n + 1) / 8.0 * cfg.e_int8_add_pj            # exponent adder
+        if uc is not None:
+            e_update = (2 * cfg.counter_bits / 8.0 * cfg.e_reg_pj_per_byte
+                        + uc["counter_update"]["energy_pj"])
+            # exponent adder of n + 1 bits and the unit's clock/control share
+            e_step = (n + 1) * uc["exp_adder_bit"]["energy_pj"] + \
+                uc["counter_set"]["energy_pj"] - uc["counter_update"]["energy_pj"]
+        else:
+            e_update = (2 * cfg.counter_bits / 8.0 * cfg.e_reg_pj_per_byte
+                        + cfg.counter_bits / 8.0 * cfg.e_int8_add_pj)
+            e_step = (n + 1) / 8.0 * cfg.e_int8_add_pj            # exponent adder
         fp_mul = outputs * (bins + 4)
         fp_add = outputs * (bins + 4)
         int_adds = outputs * max(0, be - 1) if term2_runtime else 0
@@ -232,15 +259,63 @@ def layer_cost(layer: LayerShape, cfg: HWConfig, design: str, *, n: Optional[int
         reg_bytes = reg_post + reg_quant
         fp_per_output = bins + 4
         shared_params = (lut_bins(n)[0] + num_thresholds(n) + 4) * pb
-        channel_params = layer.bias * pb + (0 if layer.a_signed else 2 * N * pb)
+        channel_params = layer.bias * pb + (0 if signed_count else 2 * N * pb)
+        need = (lut_bins(n)[0] + 2 * lut_bins(n)[1]) * cfg.counter_bits / 8.0
+        if need > cfg.counter_sram_bytes_per_unit:
+            from .memory import PlacementError
+            raise PlacementError(
+                f"dnateq.hw: layer {layer.name!r} at n = {n} cannot be placed: its Array "
+                f"Counters need {need:g} B per Counter-Set (C1 {lut_bins(n)[0]} + C2/C3 "
+                f"2 x {lut_bins(n)[1]} bins x {cfg.counter_bits} bits), more than "
+                f"HWConfig.counter_sram_bytes_per_unit = {cfg.counter_sram_bytes_per_unit:g} B")
         e_compute = steps * e_step + counter_updates * e_update
-        e_post = (outputs * bins * cfg.e_count_lut_mul_pj + outputs * 4 * cfg.e_fp16_mul_pj
-                  + fp_add * cfg.e_fp16_add_pj + int_adds * cfg.e_int32_add_pj
+        e_lut = uc["count_lut_mul"]["energy_pj"] if uc is not None else cfg.e_count_lut_mul_pj
+        e_i32 = uc["int32_add"]["energy_pj"] if uc is not None else cfg.e_int32_add_pj
+        e_cmp = uc["comparator"]["energy_pj"] if uc is not None else cfg.e_compare_pj
+        e_post = (outputs * bins * e_lut + outputs * 4 * cfg.e_fp16_mul_pj
+                  + fp_add * cfg.e_fp16_add_pj + int_adds * e_i32
                   + reg_post * cfg.e_reg_pj_per_byte)
-        e_quant = comparisons * cfg.e_compare_pj + reg_quant * cfg.e_reg_pj_per_byte
+        e_quant = comparisons * e_cmp + reg_quant * cfg.e_reg_pj_per_byte
         fmt = f"n={n}"
 
-    # -- traffic -------------------------------------------------------------------
+    if cfg.dram_model:
+        _dram_path(c, layer, cfg, exp=exp, w_bits=w_bits, a_bits=a_bits, out_bits=out_bits,
+                   steps=steps, outputs=outputs, fp_per_output=fp_per_output, rounds=rounds,
+                   shared_params=shared_params, channel_params=channel_params,
+                   area_mm2=area_mm2, mapping=mapping, e_compute=e_compute, e_post=e_post,
+                   e_quant=e_quant)
+    else:
+        _roofline_path(c, layer, cfg, exp=exp, w_bits=w_bits, a_bits=a_bits,
+                       out_bits=out_bits, steps=steps, outputs=outputs, tiles=tiles,
+                       pe_rounds=pe_rounds, lanes=lanes, fp_per_output=fp_per_output,
+                       rounds=rounds, shared_params=shared_params,
+                       channel_params=channel_params, area_mm2=area_mm2, mapping=mapping,
+                       e_compute=e_compute, e_post=e_post, e_quant=e_quant)
+    c.update(format=fmt, w_bits=w_bits, a_bits=a_bits, out_bits=out_bits, steps=steps,
+             counter_updates=counter_updates, fp_mul=fp_mul, fp_add=fp_add,
+             int_adds=int_adds, comparisons=comparisons, reg_bytes=reg_bytes)
+    # The operation-count view of the paper's main text: operations plus each
+    # tensor moved once, no dataflow, no static energy.
+    compulsory = (c["weight_bytes"] + c["input_bytes"] + c["output_bytes"] + channel_params
+                  + shared_params)
+    c["op_energy_pj"] = e_compute + e_post + e_quant + compulsory * 8.0 * cfg.e_dram_pj_per_bit
+    rep = int(getattr(layer, "repeat", 1) or 1)
+    c["repeat"] = rep
+    if rep != 1:
+        for k in _EXTENSIVE:
+            if k in c:
+                c[k] = c[k] * rep
+        for k in ENERGY_TERMS:
+            c[f"energy_{k}_pj"] *= rep
+    return c
+
+
+def _roofline_path(c, layer, cfg, *, exp, w_bits, a_bits, out_bits, steps, outputs, tiles,
+                   pe_rounds, lanes, fp_per_output, rounds, shared_params, channel_params,
+                   area_mm2, mapping, e_compute, e_post, e_quant) -> None:
+    """The earlier model (``dram_model=False``): aggregate bandwidth, perfect
+    overlap (``max(compute, memory)``), DRAM energy per bit moved."""
+    PEs, K = cfg.num_pes, layer.K
     reads, order = operand_traffic(layer, cfg, mapping, w_bits, a_bits)
     active_pes = min(PEs, tiles)
     params = shared_params * active_pes + channel_params
@@ -253,10 +328,9 @@ def layer_cost(layer: LayerShape, cfg: HWConfig, design: str, *, n: Optional[int
     else:
         operand_reads = steps * a_bits / 8.0 + tiles * K * w_bits / 8.0
     sram = reads + params + operand_reads + 2 * o_bytes
-
-    # -- latency -------------------------------------------------------------------
     count_cycles = pe_rounds * K
-    post_cycles = pe_rounds * math.ceil(fp_per_output / cfg.fp_units_per_unit)
+    U = cfg.units_per_pe
+    post_cycles = pe_rounds * math.ceil(U * fp_per_output / cfg.fp_units_per_pe)
     quant_cycles = math.ceil(layer.in_elems / lanes) * rounds
     cycles = max(count_cycles, post_cycles, quant_cycles)
     t_compute = cycles / cfg.frequency_hz
@@ -265,28 +339,76 @@ def layer_cost(layer: LayerShape, cfg: HWConfig, design: str, *, n: Optional[int
     stage = max((count_cycles, "counting" if exp else "MAC"), (post_cycles, "post-processing"),
                 (quant_cycles, "quantization"), key=lambda t: t[0])[1]
     bound = "memory" if t_memory > t_compute else stage
-
-    # -- energy --------------------------------------------------------------------
-    e = dict(
-        compute=e_compute, postproc=e_post, quant=e_quant,
-        sram=sram * cfg.e_sram_pj_per_byte,
-        dram=dram * 8.0 * cfg.e_dram_pj_per_bit,
-        static=cfg.static_mw_per_mm2 * 1e-3 * area_mm2 * latency * 1e12,
-    )
-    c.update(
-        format=fmt, w_bits=w_bits, a_bits=a_bits, out_bits=out_bits, steps=steps,
-        counter_updates=counter_updates, fp_mul=fp_mul, fp_add=fp_add, int_adds=int_adds,
-        comparisons=comparisons, reg_bytes=reg_bytes, weight_bytes=w_bytes,
-        input_bytes=i_bytes, output_bytes=o_bytes, param_bytes=params, dram_bytes=dram,
-        sram_bytes=sram, order=order, tiles=tiles, cycles=cycles,
-        count_cycles=count_cycles, post_cycles=post_cycles, quant_cycles=quant_cycles,
-        compute_s=t_compute, memory_s=t_memory, latency_s=latency, bound=bound,
-    )
+    e = dict(compute=e_compute, postproc=e_post, quant=e_quant,
+             sram=sram * cfg.e_sram_pj_per_byte, dram=dram * 8.0 * cfg.e_dram_pj_per_bit,
+             dram_static=0.0, noc=0.0,
+             static=cfg.static_mw_per_mm2 * 1e-3 * area_mm2 * latency * 1e12)
+    c.update(weight_bytes=w_bytes, input_bytes=i_bytes, output_bytes=o_bytes,
+             param_bytes=params, dram_bytes=dram, dram_payload_bytes=dram, sram_bytes=sram,
+             order=order, tiles=tiles, cycles=cycles, count_cycles=count_cycles,
+             post_cycles=post_cycles, quant_cycles=quant_cycles, compute_s=t_compute,
+             memory_s=t_memory, latency_s=latency, bound=bound, halo_bytes=0.0,
+             remote_bytes=0.0, activations=0.0, row_hit_rate=0.0, double_buffered=True,
+             split="", tile="")
     for k in ENERGY_TERMS:
         c[f"energy_{k}_pj"] = e[k]
     c["energy_pj"] = sum(e.values())
-    # The operation-count view of the paper's main text: operations plus each
-    # tensor moved once, no dataflow, no static energy.
-    compulsory = w_bytes + i_bytes + o_bytes + channel_params + shared_params
-    c["op_energy_pj"] = e_compute + e_post + e_quant + compulsory * 8.0 * cfg.e_dram_pj_per_bit
-    return c
+
+
+def _dram_path(c, layer, cfg, *, exp, w_bits, a_bits, out_bits, steps, outputs,
+               fp_per_output, rounds, shared_params, channel_params, area_mm2, mapping,
+               e_compute, e_post, e_quant) -> None:
+    """The 3D-stacked DRAM model (``dram_model=True``, :mod:`dnateq.hw.memory`)."""
+    from .memory import plan_layer
+    K, U, PEs = layer.K, cfg.units_per_pe, cfg.num_pes
+    tc = min(U, layer.N)
+    tp = max(1, min(U // tc, layer.P))
+    outs_tile = tc * tp
+    post_tile = math.ceil(outs_tile * fp_per_output / cfg.fp_units_per_pe)
+    overlap = cfg.double_buffered_counters or not exp
+    tile_cycles = max(K, post_tile) if overlap else K + post_tile
+    quant_pe = math.ceil(layer.in_elems / (PEs * U)) * rounds
+    pl = plan_layer(layer, cfg, w_bits=w_bits, a_bits=a_bits, out_bits=out_bits,
+                    params_per_pe=shared_params, channel_params=channel_params,
+                    tile_cycles=tile_cycles, quant_cycles_pe=quant_pe)
+    tiles = pl["tiles_pe"] * pl["active_pes"]
+    w_bytes = layer.weights * w_bits / 8.0
+    i_bytes = layer.in_elems * a_bits / 8.0
+    o_bytes = layer.out_elems * out_bits / 8.0
+    # SRAM: every DRAM burst is written into the buffer; every cycle each unit
+    # reads its streamed operand and the tile's broadcast operand is read once;
+    # outputs are written and read once.
+    operand_reads = steps * w_bits / 8.0 + math.ceil(layer.P / tp) * math.ceil(
+        layer.N / tc) * K * a_bits / 8.0
+    sram = pl["dram_bytes"] + operand_reads + 2 * o_bytes
+    latency = pl["latency_s"]
+    ed = pl["dram_energy"]
+    count_cycles = pl["tiles_pe"] * K
+    post_cycles = pl["tiles_pe"] * post_tile
+    stage = "counting" if exp else "MAC"
+    if post_tile > K:
+        stage = "post-processing"
+    bound = pl["bound"]
+    if bound == "compute":
+        bound = stage if quant_pe <= pl["tiles_pe"] * tile_cycles else "quantization"
+    e = dict(compute=e_compute, postproc=e_post, quant=e_quant,
+             sram=sram * cfg.e_sram_pj_per_byte,
+             dram=ed["act"] + ed["read"] + ed["write"],
+             dram_static=ed["refresh"] + ed["background"], noc=pl["noc_pj"],
+             static=cfg.static_mw_per_mm2 * 1e-3 * area_mm2 * latency * 1e12)
+    c.update(weight_bytes=w_bytes, input_bytes=i_bytes, output_bytes=o_bytes,
+             param_bytes=pl["param_traffic"], dram_bytes=pl["dram_bytes"],
+             dram_payload_bytes=pl["dram_payload_bytes"], sram_bytes=sram, order=pl["order"],
+             tiles=tiles, cycles=pl["tiles_pe"] * tile_cycles, count_cycles=count_cycles,
+             post_cycles=post_cycles, quant_cycles=quant_pe, compute_s=pl["compute_s"],
+             memory_s=max(pl["vault_s"], pl["pe_s"] - pl["compute_s"]), latency_s=latency,
+             bound=bound, halo_bytes=pl["halo_bytes"], remote_bytes=pl["remote_bytes"],
+             activations=pl["activations"], row_hit_rate=pl["row_hit_rate"],
+             double_buffered=pl["double_buffered"], split="x".join(map(str, pl["split"])),
+             tile="x".join(map(str, pl["tile"])), weight_traffic=pl["weight_traffic"],
+             input_traffic=pl["input_traffic"], output_traffic=pl["output_traffic"],
+             busiest_vault_bytes=pl["busiest_vault_bytes"], vault_s=pl["vault_s"],
+             pe_s=pl["pe_s"])
+    for k in ENERGY_TERMS:
+        c[f"energy_{k}_pj"] = e[k]
+    c["energy_pj"] = sum(e.values())

@@ -64,9 +64,19 @@ class LayerShape:
     to_attention: bool = False     # output feeds an attention core (Q/K/V projection)
     call: int = 0                  # 0 for the first call of the module, 1, 2 ...
     geometry: Dict[str, Any] = field(default_factory=dict)   # stride, padding, ...
+    repeat: int = 1                # identical calls this row stands for (decoder steps)
 
     def to_dict(self) -> Dict[str, Any]:
         return dict(self.__dict__)
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "LayerShape":
+        """The inverse of :meth:`to_dict` (unknown keys are an error naming them)."""
+        names = set(cls.__dataclass_fields__)
+        bad = [k for k in d if k not in names]
+        if bad:
+            raise ValueError(f"dnateq.hw: LayerShape.from_dict: unknown field(s) {bad}")
+        return cls(**dict(d))
 
 
 def conv_pads(module: nn.Module, kernel: Tuple[int, int], dilation: Tuple[int, int]
