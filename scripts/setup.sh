@@ -30,7 +30,7 @@ fi
 
 # Test / build dependencies, only those missing (pip leaves satisfied ones).
 want=(numpy scipy tqdm pytest matplotlib scikit-learn ninja nbclient nbformat sacrebleu
-      ipykernel "setuptools>=64" wheel)
+      ipykernel "setuptools>=64" wheel hypothesis)
 missing=()
 for req in "${want[@]}"; do
   if ! "$PY" - "$req" >/dev/null 2>&1 <<'PYEOF'
@@ -56,7 +56,13 @@ case ":$PATH:" in *":$PYBIN:"*) ;; *) export PATH="$PATH:$PYBIN" ;; esac
 
 
 echo "==================== setup: build the extension ===================="
-TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-8.0;9.0}" MAX_JOBS="${MAX_JOBS:-2}" \
-  "$PY" -m pip install --no-build-isolation -e .
+# Skipped when build/dnateq_C.stamp.json says the built library matches the
+# sources, torch, CUDA on/off and the arch list (scripts/build_stamp.py);
+# DNATEQ_FORCE_BUILD=1 rebuilds anyway.
+export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-8.0;9.0}"
+if ! "$PY" scripts/build_stamp.py check; then
+  MAX_JOBS="${MAX_JOBS:-2}" "$PY" -m pip install --no-build-isolation -e .
+  "$PY" scripts/build_stamp.py write
+fi
 "$PY" -c "import dnateq; print('dnateq', dnateq.__version__, 'built and importable')"
 echo "---- setup took $((SECONDS - START))s"
