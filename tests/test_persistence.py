@@ -217,3 +217,139 @@ def test_save_refuses_a_float_model(tmp_path):
         dnateq.save({"a": 1}, tmp_path / "f.dnateq")
     with pytest.raises(TypeError, match="float_model must be an nn.Module"):
         dnateq.load(tmp_path / "f.dnateq", "resnet")
+
+
+# -- integrity of every section (issue 14 item 2) -------------------------------
+
+def _rewrite(path, mutate, reseal=False):
+    """Load the raw blob, ``mutate(blob)``, save it back; ``reseal`` recomputes the
+    section checksums (a crafted, internally consistent file)."""
+    from dnateq import persistence as P
+    blob = torch.load(path, weights_only=True)
+    mutate(blob)
+    if reseal:
+        blob["sections_sha256"] = {k: P._section_digest(blob.get(k)) for k in P._SECTIONS}
+    torch.save(blob, path)
+
+
+def _change_alpha_digit(blob):
+    import json
+    layers = json.loads(blob["layers"])
+    name = next(iter(layers))
+    a = layers[name]["extra"]["params"]["alpha"]
+    s = repr(a)
+    i = s.index(".") + 3   # the third decimal
+    layers[name]["extra"]["params"]["alpha"] = float(s[:i] + str((int(s[i]) + 1) % 10)
+                                                     + s[i + 1:])
+    assert layers[name]["extra"]["params"]["alpha"] != a
+    blob["layers"] = json.dumps(layers)
+
+
+def test_changed_alpha_digit_fails_its_checksum(tmp_path, quantized):
+    path = _saved(tmp_path, quantized)
+    _rewrite(path, _change_alpha_digit)
+    with pytest.raises(DnateqFileError, match=r"section 'layers': fails its SHA-256"):
+        dnateq.load(path, quantized[0])
+
+
+@pytest.mark.parametrize("section,value", [
+    ("info", '{"threshold": 0.1, "changed": true}'), ("mha", ["0"]),
+    ("baseline", '{"kind": "uniform"}'), ("sha256", {})])
+def test_every_section_is_checksummed(tmp_path, quantized, section, value):
+    path = _saved(tmp_path, quantized)
+    _rewrite(path, lambda b: b.__setitem__(section, value))
+    with pytest.raises(DnateqFileError, match=rf"section '{section}': fails its SHA-256"):
+        dnateq.load(path, quantized[0])
+
+
+def _set_param(key, value):
+    def mutate(blob):
+        import json
+        layers = json.loads(blob["layers"])
+        layers[next(iter(layers))]["extra"]["params"][key] = value
+        blob["layers"] = json.dumps(layers)
+    return mutate
+
+
+@pytest.mark.parametrize("mutate,section,match", [
+    (lambda b: b.__setitem__("info", '{"threshold": 0.1'), "info", "not valid JSON"),
+    (lambda b: b.__setitem__("layers", "[1, 2"), "layers", "not valid JSON"),
+    (lambda b: b.__setitem__("layers", "[1, 2]"), "layers", "expected a JSON object"),
+    (lambda b: b.__setitem__("layers", '{"0": 5}'), "layers", "expected an object"),
+    (lambda b: b.__setitem__("layers", '{"0": {"class": "ExpLinear"}}'), "layers",
+     "'extra' must be an object"),
+    (lambda b: b.__setitem__("layers", 7), "layers", "expected a JSON string"),
+    (lambda b: b.__setitem__("mha", "0"), "mha", "expected a list of module names"),
+    (lambda b: b.__setitem__("mha", [1]), "mha", "expected a list of module names"),
+    (lambda b: b.__setitem__("info", 3), "info", "expected a JSON string or None"),
+    (lambda b: b.__setitem__("state", [1]), "state", "expected a dict of named tensors"),
+    (lambda b: b.__setitem__("sha256", {"0.bias": 5}), "sha256", "expected a dict of hex"),
+    (lambda b: b.__setitem__("sections_sha256", "x"), "sections_sha256", "expected a dict"),
+    (_set_param("alpha", "2.0"), "layers", "parameter 'alpha' must be a finite number > 1"),
+    (_set_param("alpha", 0.5), "layers", "parameter 'alpha'"),
+    (_set_param("bits", 9), "layers", "parameter 'bits' must be an int in"),
+    (_set_param("bits", True), "layers", "parameter 'bits'"),
+    (_set_param("w_shape", [8, "3"]), "layers", "parameter 'w_shape'"),
+    (_set_param("rounding", "up"), "layers", "parameter 'rounding'"),
+    (_set_param("a_signed", 1), "layers", "parameter 'a_signed' must be a bool"),
+    (_set_param("sw", float("nan")), "layers", "parameter 'sw'"),
+])
+def test_malformed_sections_raise_dnateq_file_error(tmp_path, quantized, mutate, section,
+                                                    match):
+    """Crafted files whose checksums were recomputed: the structure is checked
+    too, and the error names the file and the section."""
+    path = _saved(tmp_path, quantized)
+    _rewrite(path, mutate, reseal=section != "sections_sha256")
+    with pytest.raises(DnateqFileError, match=rf"{section}.*{match}|{match}") as e:
+        dnateq.load(path, quantized[0])
+    assert str(path) in str(e.value) and section in str(e.value)
+
+
+def test_malformed_geometry_mode_and_counter_bits(tmp_path, quantized):
+    import json
+    for key, value, match in (("geometry", {"stride": [1]}, "malformed conv geometry"),
+                              ("mode", "bogus", "mode must be one of"),
+                              ("counter_bits", 99, "counter_bits must be None or an int")):
+        path = _saved(tmp_path, quantized)
+
+        def mutate(blob):
+            layers = json.loads(blob["layers"])
+            entry = layers["0"]
+            if key == "geometry":
+                entry["geometry"] = value
+            else:
+                entry["extra"][key] = value
+            blob["layers"] = json.dumps(layers)
+        _rewrite(path, mutate, reseal=True)
+        with pytest.raises(DnateqFileError, match=rf"section 'layers': layer '0': {match}"):
+            dnateq.load(path, quantized[0])
+
+
+def test_tensor_dtype_or_shape_change_fails_its_checksum(tmp_path, quantized):
+    path = _saved(tmp_path, quantized)
+    _rewrite(path, lambda b: b["state"].__setitem__("6.bias", b["state"]["6.bias"].view(2, 5)))
+    with pytest.raises(DnateqFileError, match="tensor '6.bias' fails its SHA-256"):
+        dnateq.load(path, quantized[0])
+
+
+def test_format_version_1_files_still_load(tmp_path, quantized):
+    """A file as format version 1 wrote it (tensor digests over the bytes only,
+    no section checksums) loads to the same model."""
+    import hashlib
+    model, q = quantized
+    path = _saved(tmp_path, quantized)
+
+    def to_v1(blob):
+        blob["version"] = 1
+        del blob["sections_sha256"]
+        blob["sha256"] = {k: hashlib.sha256(v.contiguous().reshape(-1).view(torch.uint8)
+                                            .numpy().tobytes()).hexdigest()
+                          for k, v in blob["state"].items()}
+    _rewrite(path, to_v1)
+    q1 = dnateq.load(path, model)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(q1(x), q(x))
+    _rewrite(path, lambda b: b.__setitem__("version", 0))
+    with pytest.raises(DnateqFileError, match="format version 0"):
+        dnateq.load(path, model)

@@ -4,8 +4,11 @@ The file holds what the quantized model needs and nothing derived: the packed
 weight codes of every quantized layer (``w_packed``, so the file size follows
 the bits), its static parameters, the float tensors of the layers left in
 float (batch norms, embeddings, skipped layers), the names of the attention
-modules that were split into Q/K/V/out, the calibration record as JSON, and a
-SHA-256 per tensor. ``w_terms`` (C2/C4) are recomputed from the codes on load.
+modules that were split into Q/K/V/out, the calibration record as JSON, a
+SHA-256 per tensor (over its dtype, shape and bytes) and, since format version 2,
+a SHA-256 per section (the layer table with every layer's parameters, the
+attention list, the calibration record, the baseline record and the tensor
+checksum table), so that no changed digit of any saved value goes unnoticed. ``w_terms`` (C2/C4) are recomputed from the codes on load.
 Uniform-baseline layers (:mod:`dnateq.baselines`) are saved too, their
 integers as int8/int16 (not bit-packed: the baseline is for comparisons).
 The architecture is not pickled: :func:`load` rebuilds it from the float model
@@ -14,14 +17,18 @@ and loading never executes code from the file (``torch.load(weights_only=True)``
 
 Container: ``torch.save`` of a dict (a zip archive). Errors are
 :class:`DnateqFileError` (a ``ValueError``) naming the file and what is wrong:
-not a dnateq file, truncated/corrupt archive, checksum mismatch, newer format,
-or a float model that does not match (missing layer, wrong type or shape).
+not a dnateq file, truncated/corrupt archive, a section or tensor failing its
+checksum, a section of the wrong type or structure (named), newer format, or a
+float model that does not match (missing layer, wrong type or shape). Files of
+format version 1 (no section checksums) still load, with the same structural
+checks.
 """
 from __future__ import annotations
 
 import copy
 import hashlib
 import json
+import math
 import os
 from typing import Any, Dict, Union
 
@@ -29,14 +36,17 @@ import torch
 import torch.nn as nn
 
 from .calibrate import _disable_fast_paths, _set_module
-from .nn.modules import ExpConv2d, ExpLinear, ExpMultiheadAttention
+from .nn.modules import MODES, ROUNDINGS, ExpConv2d, ExpLinear, ExpMultiheadAttention
 from .nn.uniform import UniformConv2d, UniformLinear
 from . import ops
 
 __all__ = ["save", "load", "DnateqFileError", "FORMAT_VERSION"]
 
 MAGIC = "dnateq-quantized-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Version 1: per-tensor SHA-256 over the bytes only. Version 2: per-tensor
+# SHA-256 over dtype, shape and bytes, and a SHA-256 per section.
+_SECTIONS = ("layers", "mha", "info", "baseline", "sha256")
 
 _EXP = {"ExpLinear": ExpLinear, "ExpConv2d": ExpConv2d}
 _UNIFORM = {"UniformLinear": UniformLinear, "UniformConv2d": UniformConv2d}
@@ -52,9 +62,18 @@ class DnateqFileError(ValueError):
     """A dnateq file that cannot be loaded (corrupt, truncated, mismatched)."""
 
 
-def _digest(t: torch.Tensor) -> str:
+def _digest(t: torch.Tensor, version: int = FORMAT_VERSION) -> str:
     b = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-    return hashlib.sha256(b).hexdigest()
+    h = hashlib.sha256()
+    if version >= 2:
+        h.update(f"{t.dtype}|{list(t.shape)}|".encode())
+    h.update(b)
+    return h.hexdigest()
+
+
+def _section_digest(value: Any) -> str:
+    """SHA-256 of a section's canonical JSON (strings, lists, dicts, None)."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
 
 
 def _quantized_layers(model: nn.Module) -> Dict[str, nn.Module]:
@@ -97,6 +116,7 @@ def save(qmodel: nn.Module, path: PathLike) -> int:
         "info": json.dumps(record, default=str) if record is not None else None,
         "baseline": json.dumps(baseline, default=str) if baseline is not None else None,
     }
+    blob["sections_sha256"] = {k: _section_digest(blob[k]) for k in _SECTIONS}
     path = os.fspath(path)
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
@@ -112,6 +132,10 @@ def _tuple(v):
     return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
 
 
+def _corrupt(path: str, section: str, msg: str) -> DnateqFileError:
+    return DnateqFileError(f"dnateq.load: {path!r} is corrupt: section {section!r}: {msg}")
+
+
 def _read(path: str) -> Dict[str, Any]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"dnateq.load: no such file: {path!r}")
@@ -124,25 +148,144 @@ def _read(path: str) -> Dict[str, Any]:
         raise DnateqFileError(f"dnateq.load: {path!r} is not a dnateq quantized-model file "
                               "(written by dnateq.save)")
     version = blob.get("version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if type(version) is not int or version > FORMAT_VERSION:
         raise DnateqFileError(f"dnateq.load: {path!r} has format version {version!r}; this "
                               f"dnateq reads up to {FORMAT_VERSION} (upgrade dnateq)")
-    for key in ("layers", "mha", "state", "sha256"):
+    if version < 1:
+        raise _corrupt(path, "version", f"format version {version} does not exist")
+    required = ("layers", "mha", "state", "sha256") + (("sections_sha256",) if version >= 2
+                                                       else ())
+    for key in required:
         if key not in blob:
             raise DnateqFileError(f"dnateq.load: {path!r} lacks its {key!r} section (corrupt)")
+    _check_types(path, blob, version)
+    if version >= 2:
+        sums = blob["sections_sha256"]
+        for key in _SECTIONS:
+            try:
+                ok = sums.get(key) == _section_digest(blob.get(key))
+            except (TypeError, ValueError):
+                ok = False
+            if not ok:
+                raise _corrupt(path, key, "fails its SHA-256 check")
     state, sums = blob["state"], blob["sha256"]
     if set(state) != set(sums):
         raise DnateqFileError(f"dnateq.load: {path!r} is corrupt: the tensor list and the "
                               "checksum list differ")
     for k, t in state.items():
-        if not isinstance(t, torch.Tensor) or _digest(t) != sums[k]:
+        if _digest(t, version) != sums[k]:
             raise DnateqFileError(f"dnateq.load: {path!r} is corrupt: tensor {k!r} fails its "
                                   "SHA-256 check")
-    try:
-        blob["layers"] = json.loads(blob["layers"])
-    except (TypeError, ValueError) as e:
-        raise DnateqFileError(f"dnateq.load: {path!r} is corrupt: bad layer table ({e})") from None
+    for key in ("layers", "info", "baseline"):
+        if blob.get(key) is None:
+            continue
+        try:
+            blob[key] = json.loads(blob[key])
+        except (TypeError, ValueError) as e:
+            raise _corrupt(path, key, f"not valid JSON ({e})") from None
+    _check_layers(path, blob["layers"])
     return blob
+
+
+def _check_types(path: str, blob: Dict[str, Any], version: int) -> None:
+    """The sections' container types, before anything reads them."""
+    def need(key, ok, what):
+        if not ok:
+            raise _corrupt(path, key, f"expected {what}, got {type(blob.get(key)).__name__}")
+    need("layers", isinstance(blob["layers"], str), "a JSON string")
+    need("mha", isinstance(blob["mha"], list) and all(isinstance(n, str) for n in blob["mha"]),
+         "a list of module names")
+    need("state", isinstance(blob["state"], dict) and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in blob["state"].items()),
+        "a dict of named tensors")
+    need("sha256", isinstance(blob["sha256"], dict) and all(
+        isinstance(k, str) and isinstance(v, str) for k, v in blob["sha256"].items()),
+        "a dict of hex digests")
+    for key in ("info", "baseline"):
+        need(key, blob.get(key) is None or isinstance(blob[key], str), "a JSON string or None")
+    if version >= 2:
+        need("sections_sha256", isinstance(blob["sections_sha256"], dict),
+             "a dict of hex digests")
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _int_list(v, n=None) -> bool:
+    return (isinstance(v, list) and (n is None or len(v) == n)
+            and all(_is_int(i) and i >= 0 for i in v))
+
+
+def _check_layers(path: str, layers: Any) -> None:
+    """The layer table's structure and every saved parameter's type and range,
+    so that a malformed (but checksum-consistent) file fails here, by name,
+    instead of deep inside a module constructor."""
+    if not isinstance(layers, dict):
+        raise _corrupt(path, "layers", f"expected a JSON object, got {type(layers).__name__}")
+    for name, entry in layers.items():
+        def bad(msg):
+            return _corrupt(path, "layers", f"layer '{name}': {msg}")
+        if not isinstance(entry, dict):
+            raise bad(f"expected an object, got {type(entry).__name__}")
+        cls_name = entry.get("class")
+        if cls_name not in _FLOAT_OF:
+            raise bad(f"unknown layer class {cls_name!r}")
+        extra = entry.get("extra")
+        if not isinstance(extra, dict) or not isinstance(extra.get("params"), dict):
+            raise bad("'extra' must be an object with a 'params' object")
+        p = extra["params"]
+        checks = []
+        if cls_name in _EXP:
+            dims = 2 if cls_name == "ExpLinear" else 4
+            checks = [
+                ("bits", _is_int(p.get("bits")) and 2 <= p["bits"] <= 7, "an int in [2, 7]"),
+                ("alpha", _is_num(p.get("alpha")) and p["alpha"] > 1, "a finite number > 1"),
+                ("sw", _is_num(p.get("sw")) and p["sw"] > 0, "a finite number > 0"),
+                ("sa", _is_num(p.get("sa")) and p["sa"] > 0, "a finite number > 0"),
+                ("bw", _is_num(p.get("bw")), "a finite number"),
+                ("ba", _is_num(p.get("ba")), "a finite number"),
+                ("a_signed", isinstance(p.get("a_signed"), bool), "a bool"),
+                ("w_signed", isinstance(p.get("w_signed"), bool), "a bool"),
+                ("rounding", p.get("rounding") in ROUNDINGS, f"one of {ROUNDINGS}"),
+                ("w_shape", _int_list(p.get("w_shape"), dims), f"{dims} non-negative ints"),
+            ]
+            mode = extra.get("mode", "lut")
+            if mode not in MODES:
+                raise bad(f"mode must be one of {MODES}, got {mode!r}")
+            cb = extra.get("counter_bits")
+            if cb is not None and not (_is_int(cb) and 2 <= cb <= 32):
+                raise bad(f"counter_bits must be None or an int in [2, 32], got {cb!r}")
+            if not isinstance(extra.get("info", {}), dict):
+                raise bad("'info' must be an object")
+        else:
+            a_bits = p.get("a_bits")
+            checks = [
+                ("w_bits", _is_int(p.get("w_bits")) and 2 <= p["w_bits"] <= 16, "an int"),
+                ("a_bits", a_bits is None or (_is_int(a_bits) and 2 <= a_bits <= 16),
+                 "None or an int"),
+                ("w_scale", _is_num(p.get("w_scale")) and p["w_scale"] > 0,
+                 "a finite number > 0"),
+                ("a_scale", _is_num(p.get("a_scale")) and p["a_scale"] > 0,
+                 "a finite number > 0"),
+                ("a_zero", _is_num(p.get("a_zero")), "a finite number"),
+                ("a_signed", isinstance(p.get("a_signed"), bool), "a bool"),
+                ("w_signed", isinstance(p.get("w_signed"), bool), "a bool"),
+            ]
+        for key, ok, what in checks:
+            if not ok:
+                raise bad(f"parameter {key!r} must be {what}, got {p.get(key)!r}")
+        if cls_name in ("ExpConv2d", "UniformConv2d"):
+            g = entry.get("geometry")
+            pad = g.get("padding") if isinstance(g, dict) else None
+            if not (isinstance(g, dict) and _int_list(g.get("stride"), 2)
+                    and _int_list(g.get("dilation"), 2) and _is_int(g.get("groups"))
+                    and (pad in ("same", "valid") or _int_list(pad, 2))):
+                raise bad(f"malformed conv geometry {g!r}")
 
 
 def _mismatch(path: str, msg: str) -> DnateqFileError:
@@ -174,10 +317,7 @@ def load(path: PathLike, float_model: nn.Module) -> nn.Module:
     names = dict(work.named_modules())
     state = blob["state"]
     for n, entry in blob["layers"].items():
-        cls_name = entry.get("class")
-        if cls_name not in _FLOAT_OF:
-            raise DnateqFileError(f"dnateq.load: {path!r} is corrupt: unknown layer class "
-                                  f"{cls_name!r} for '{n}'")
+        cls_name = entry["class"]   # validated by _read
         m = names.get(n)
         if type(m) is not _FLOAT_OF[cls_name] and not isinstance(m, _FLOAT_OF[cls_name]):
             raise _mismatch(path, f"layer '{n}' should be {_FLOAT_OF[cls_name].__name__}, "
@@ -205,9 +345,9 @@ def load(path: PathLike, float_model: nn.Module) -> nn.Module:
     _disable_fast_paths(work)
     work.train(was_training)
     if blob.get("info") is not None:
-        work.dnateq_info = json.loads(blob["info"])
+        work.dnateq_info = blob["info"]
     if blob.get("baseline") is not None:
-        work.dnateq_baseline = json.loads(blob["baseline"])
+        work.dnateq_baseline = blob["baseline"]
     return work
 
 
