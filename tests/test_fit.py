@@ -85,18 +85,23 @@ def test_paper_search_matches_oracle():
 
 
 def test_golden_quality_vs_oracle():
-    """The C++ golden search is never worse than the oracle's paper answer and
-    stays close to the oracle's (grid + golden) answer."""
+    """The C++ golden search evaluates every point the oracle's does (same grid,
+    bracket and golden steps) and also the paper's answer, so it is never worse
+    than the oracle's golden answer (up to the last bits of the two error sums)
+    nor than the paper's. 30 fits: 20 zoo tensors at their bits, 10 at bits 7
+    (issue 14: it was worse in 16 of 60, up to 2 % relative RMAE at n=7)."""
     worse = []
-    for i in ZOO[::10]:
+    cases = [(i, None) for i in ZOO[::10]] + [(i, 7) for i in ZOO[5::20]]
+    for i, bits_override in cases:
         x, bits, rounding, dist = random_tensor(i)
+        bits = bits_override or bits
         e = dnateq.exp_fit(x, bits, "golden", rounding)[3]
         rp = ref.exp_fit(x, bits, "paper", rounding)[3]
         rg = ref.exp_fit(x, bits, "golden", rounding)[3]
         assert e <= rp * (1 + 1e-9) + 1e-300, f"#{i} {dist}: cpp golden {e} > ref paper {rp}"
-        if e > rg * 1.25 + 1e-12:
+        if e > rg * (1 + 1e-9) + 1e-300:
             worse.append(f"#{i} {dist} bits={bits}: cpp golden {e} vs ref golden {rg}")
-    assert len(worse) <= 2, "\n".join(worse)
+    assert not worse, f"{len(worse)} of {len(cases)}:\n" + "\n".join(worse)
 
 
 @pytest.mark.parametrize("bits", ALL_BITS)
