@@ -30,7 +30,7 @@ fi
 
 # Test / build dependencies, only those missing (pip leaves satisfied ones).
 want=(numpy scipy tqdm pytest matplotlib scikit-learn ninja nbclient nbformat sacrebleu
-      ipykernel "setuptools>=64" wheel hypothesis)
+      ipykernel "setuptools>=64" wheel hypothesis zigzag-dse)
 missing=()
 for req in "${want[@]}"; do
   if ! "$PY" - "$req" >/dev/null 2>&1 <<'PYEOF'

@@ -21,7 +21,7 @@ The formulas are in :mod:`dnateq.hw.model`, the layer tracing in
 :mod:`dnateq.hw.shapes` (:func:`trace_layers`); :func:`evaluate` applies the
 model to already traced layers (one trace, many configurations).
 """
-from . import memory, networks, units
+from . import fieldsim, memory, networks, units
 from .config import DEFAULT_CONFIG, SOURCES, HWConfig
 from .designs import (SENSITIVITY_AXES, DesignComparison, compare_designs, sensitivity,
                       sensitivity_markdown)
@@ -35,4 +35,4 @@ __all__ = ["estimate", "evaluate", "HWEstimate", "sweep", "SweepResult", "HWConf
            "DEFAULT_CONFIG", "SOURCES", "LayerShape", "trace_layers", "storage_bits", "lut_bins",
            "quant_rounds", "compare_designs", "DesignComparison", "sensitivity",
            "sensitivity_markdown", "SENSITIVITY_AXES", "PlacementError", "memory", "units",
-           "networks"]
+           "networks", "fieldsim"]
