@@ -1027,3 +1027,12 @@ def test_int8_baseline_cross_checked_against_zigzag():
         lat = r["int8_latency_s"] * cfg.frequency_hz
         assert 0.4 <= lat / z["cycles"] <= 1.25, (type(m).__name__, lat, z)
         assert lat >= z["ideal_cycles"]
+
+
+def test_every_choice_is_swept():
+    """Issue 16: every constant is cited or listed as a choice with its sweep."""
+    from dnateq.hw.designs import LEGACY_ONLY
+    for row in HWConfig.fields_table():
+        if row["source"] == "choice" and row["name"] not in LEGACY_ONLY:
+            assert row["name"] in hw.SENSITIVITY_AXES, row["name"]
+            assert len(hw.SENSITIVITY_AXES[row["name"]]) >= 2, row["name"]

@@ -1,21 +1,29 @@
 """The one table of constants of the hardware cost model (SPEC section 8).
 
 Every number the model uses lives in :class:`HWConfig`, with its unit and its
-source. Three kinds of sources:
+source. The sources:
 
-- **Horowitz 2014**: M. Horowitz, "Computing's energy problem (and what we can
-  do about it)", ISSCC 2014 -- the published per-operation energies of a 45 nm
-  process (the figures the DNA-TEQ paper's operation-count view builds on).
 - **seed 000 / seed 001**: the DNA-TEQ evaluation section (16 PEs x 16 units,
-  300 MHz, 16 vaults x 10 GB/s, 2.5 KB SRAM per PE, 6 KB more per PE for the
-  Counter-Sets, 0.59 vs 0.78 mm2 in 32 nm) and the DNA-TEQ paper's hardware
-  unit (8 comparators, 8-bit counters, FP16 LUT of base powers).
-- **choice**: the seeds are silent (their synthesized figures were lost in
-  extraction); the value is ours, stated with its reasoning, and overridable.
+  300 MHz, 16 vaults x 10 GB/s, 2.5 KB SRAM per PE, 0.59 vs 0.78 mm2 in 32 nm)
+  and the paper's hardware unit (8 comparators, 8-bit counters, Array-Counter
+  sizes, FP16 LUT of base powers);
+- **DRAMSim3 HMC_4GB_4Lx16.ini**: the timings and currents of the seed's
+  4 GB, 4-die, 16-vault stack and DRAMSim3's energy formulas
+  (:mod:`dnateq.hw.memory`);
+- **seed 002**: the synthesized 4/8/32-bit MACs that the unit-cost regression
+  of :mod:`dnateq.hw.units` is fitted to (``predicted_units=True``);
+- **Horowitz 2014**: M. Horowitz, ISSCC 2014 -- per-operation energies of a
+  45 nm process (FP16 operations, SRAM; all energies when
+  ``predicted_units=False``);
+- **Intel 32 nm (IEDM 2008)**: the 0.171 um2 SRAM cell;
+- **choice**: the seeds are silent; the value is ours, stated with its
+  reasoning, overridable, and swept by :func:`dnateq.hw.sensitivity`
+  (:data:`dnateq.hw.SENSITIVITY_AXES`).
 
-No technology scaling is applied: the energies are Horowitz's 45 nm figures
-and the areas the seed's 32 nm ones. The model's ratios (DNA-TEQ / INT8) are
-its point; absolute joules and seconds are order-of-magnitude estimates.
+The model's ratios (DNA-TEQ / INT8) are its point; absolute joules and
+seconds are order-of-magnitude estimates. ``dram_model=False,
+predicted_units=False`` is the earlier roofline model with the areas
+back-solved from the seed.
 
 Usage::
 

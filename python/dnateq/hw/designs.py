@@ -22,7 +22,8 @@ from .model import ENERGY_TERMS, choose_mapping, layer_cost, storage_bits
 from .shapes import LayerShape
 from .units import ALL_DESIGNS, LABELS, UNIFORM_DESIGNS, area_mm2, iso_area_units
 
-__all__ = ["compare_designs", "DesignComparison", "sensitivity", "SENSITIVITY_AXES"]
+__all__ = ["compare_designs", "DesignComparison", "sensitivity", "SENSITIVITY_AXES",
+           "LEGACY_ONLY"]
 
 
 def _check_shapes(shapes: Any, who: str, need_quantized: bool) -> List[LayerShape]:
@@ -161,7 +162,15 @@ SENSITIVITY_AXES: Dict[str, List[Any]] = {
     "controller_bits": [0.0, 16.0, 64.0],
     "control_overhead": [0.0, 0.1, 0.3],
     "e_reg_pj_per_byte": [0.0125, 0.025, 0.05],
+    "accumulator_bits": [24, 32],
+    "skip_empty_bins": [False, True],
+    "noc_cycles_per_hop": [1.0, 2.0, 4.0],
+    "dram_model": [True, False],
+    "predicted_units": [True, False],
 }
+#: Choice fields that only the earlier model (``dram_model=False`` or
+#: ``predicted_units=False``) reads, so :data:`SENSITIVITY_AXES` leaves them out.
+LEGACY_ONLY = ("e_count_lut_mul_pj", "e_compare_pj", "e_dram_pj_per_bit")
 
 
 def sensitivity(shapes: Sequence[LayerShape], config: Any = None, *,

@@ -58,7 +58,14 @@ outputs are stored at the bits of the next layer's input (``output_bits``
 after the last layer and for Q/K/V projections). SRAM bytes = the fills, the
 operand reads of every cycle and the outputs written and read once.
 
-**Latency** (roofline per layer): ``compute = max(counting, post-processing,
+With ``dram_model=True`` (the default) the traffic, latency and DRAM energy
+come from :mod:`dnateq.hw.memory` instead (bursts, vault placement, halos, the
+tile schedule and buffer-limited overlap, DRAMSim3's energies); the paragraphs
+above and below describe the earlier model (``dram_model=False``), which the
+hand-computed tests pin. Unit energies come from :mod:`dnateq.hw.units` when
+``predicted_units=True``.
+
+**Latency** (roofline per layer, ``dram_model=False``): ``compute = max(counting, post-processing,
 quantization) cycles / frequency`` -- the three pipelined stages of the
 paper's unit -- with ``counting = ceil(tiles / PEs) x K``; ``memory = DRAM
 bytes / (vaults x GB/s)``; ``latency = max(compute, memory)``.
