@@ -18,6 +18,10 @@ DNA-TEQ design and would drop the memory mechanisms the comparison rests on.
 What it does model faithfully -- the loop-nest reuse in a buffer hierarchy and
 the cycles of an unrolled array -- is what the test pins (``tests/test_hw.py``:
 compute cycles equal, DRAM bytes and latency within stated factors).
+:func:`zigzag_layer` goes as far as ZigZag can towards the DNA-TEQ unit: a
+custom operational array with the layer's storage bits as operand precisions
+and a Counter-Set's energy per step; it checks DNA-TEQ's data movement at its
+bits, not its post-processing.
 
 SCALE-Sim (``pip install scalesim``) was evaluated too: version 3.0.0 from PyPI
 fails inside its own memory model on this machine's numpy (``TypeError: only
@@ -39,7 +43,7 @@ from typing import Any, Dict
 from .config import HWConfig
 from .shapes import LayerShape
 
-__all__ = ["zigzag_available", "zigzag_int8"]
+__all__ = ["zigzag_available", "zigzag_int8", "zigzag_layer"]
 
 
 def zigzag_available() -> bool:
@@ -50,7 +54,8 @@ def zigzag_available() -> bool:
         return False
 
 
-def _hw_yaml(cfg: HWConfig, bits_per_cycle: int) -> str:
+def _hw_yaml(cfg: HWConfig, bits_per_cycle: int, w_bits: int = 8, a_bits: int = 8,
+             unit_energy: float = 0.34) -> str:
     sram = int(cfg.sram_bytes_per_pe * 8)
     return f"""name: dnateq_int8_baseline
 memories:
@@ -138,15 +143,16 @@ memories:
           - O, th
     served_dimensions: [D2]
 operational_array:
-  input_precision: [8, 8]
-  unit_energy: 0.34
+  input_precision: [{a_bits}, {w_bits}]
+  unit_energy: {unit_energy}
   unit_area: 1
   dimensions: [D1, D2]
   sizes: [{cfg.num_pes}, {cfg.units_per_pe}]
 """
 
 
-def _workload_yaml(layer: LayerShape) -> str:
+def _workload_yaml(layer: LayerShape, w_bits: int = 8, a_bits: int = 8,
+                   out_bits: int = 8) -> str:
     if layer.kind == "Linear":
         return f"""- id: 0
   name: {layer.name or 'layer'}
@@ -155,10 +161,10 @@ def _workload_yaml(layer: LayerShape) -> str:
   loop_dims: [B, K, C]
   loop_sizes: [{layer.P}, {layer.N}, {layer.K}]
   operand_precision:
-    W: 8
-    I: 8
+    W: {w_bits}
+    I: {a_bits}
     O: 16
-    O_final: 8
+    O_final: {out_bits}
   operand_source:
     I: 0
 """
@@ -177,10 +183,10 @@ def _workload_yaml(layer: LayerShape) -> str:
   loop_dims: [B, K, C, OY, OX, FY, FX]
   loop_sizes: [{B}, {O}, {C}, {Ho}, {Wo}, {kh}, {kw}]
   operand_precision:
-    W: 8
-    I: 8
+    W: {w_bits}
+    I: {a_bits}
     O: 16
-    O_final: 8
+    O_final: {out_bits}
   operand_source:
     I: 0
 """
@@ -204,22 +210,35 @@ def _mapping_yaml(layer: LayerShape, split, tile) -> str:
 
 def zigzag_int8(layer: LayerShape, cfg: HWConfig, *, split=None, tile=None,
                 lpf_limit: int = 4) -> Dict[str, Any]:
-    """Run ZigZag on ``layer`` as the INT8 baseline of ``cfg``; returns
+    """:func:`zigzag_layer` with INT8 operands and outputs (the baseline)."""
+    return zigzag_layer(layer, cfg, split=split, tile=tile, lpf_limit=lpf_limit)
+
+
+def zigzag_layer(layer: LayerShape, cfg: HWConfig, *, w_bits: int = 8, a_bits: int = 8,
+                 out_bits: int = 8, unit_energy: float = 0.34, split=None, tile=None,
+                 lpf_limit: int = 4) -> Dict[str, Any]:
+    """Run ZigZag on ``layer`` on the array of ``cfg`` with ``w_bits`` /
+    ``a_bits``-bit operands and ``out_bits``-bit outputs in memory. With a DNA-TEQ
+    layer's storage bits and a Counter-Set's energy per step as ``unit_energy``
+    this is the closest ZigZag comes to the counting unit: its data movement at
+    the layer's bits (ZigZag has no stage for the post-processing, so its cycles
+    are the counting cycles only). Returns
     ``ideal_cycles``, ``cycles`` (with stalls), ``dram_bytes`` and per operand
     ``dram_w_bytes`` / ``dram_i_bytes`` / ``dram_o_bytes``. ``split`` / ``tile``:
     the PE and unit unrolling (default: the dnateq model's choice)."""
     from zigzag.api import get_hardware_performance_zigzag
     if split is None or tile is None:
         from .memory import plan_layer
-        pl = plan_layer(layer, cfg.replace(predicted_units=False), w_bits=8, a_bits=8,
-                        out_bits=8, params_per_pe=0, channel_params=0, tile_cycles=layer.K,
+        pl = plan_layer(layer, cfg.replace(predicted_units=False), w_bits=w_bits,
+                        a_bits=a_bits, out_bits=out_bits, params_per_pe=0, channel_params=0, tile_cycles=layer.K,
                         quant_cycles_pe=0)
         split, tile = split or pl["split"], tile or pl["tile"]
     # one DRAM port per PE (its vault), as the dnateq model: no multicast between PEs
     bits_per_cycle = int(cfg.vault_bandwidth_gbs * 1e9 * 8 / cfg.frequency_hz)
     with tempfile.TemporaryDirectory() as d:
         paths = {}
-        for name, text in (("hw", _hw_yaml(cfg, bits_per_cycle)), ("wl", _workload_yaml(layer)),
+        for name, text in (("hw", _hw_yaml(cfg, bits_per_cycle, w_bits, a_bits, unit_energy)),
+                           ("wl", _workload_yaml(layer, w_bits, a_bits, out_bits)),
                            ("map", _mapping_yaml(layer, split, tile))):
             paths[name] = os.path.join(d, f"{name}.yaml")
             with open(paths[name], "w") as f:
