@@ -103,16 +103,38 @@ inline std::pair<int64_t, int64_t> check_conv_geometry(
   return {Ho, Wo};
 }
 
+// Level overflow check shared by every count and LUT op (CPU and CUDA), for
+// scalar and per-channel parameters: every level S * alpha^e + beta,
+// e = -E .. E, must be finite once rounded to float32. The levels increase
+// with e (S > 0, alpha > 1), so the two extremes decide. `pw_lo`/`pw_hi` are
+// alpha^-E and alpha^E.
+inline bool levels_finite_f32(double pw_lo, double pw_hi, double scale, double offset) {
+  return std::isfinite(static_cast<float>(scale * pw_lo + offset)) &&
+         std::isfinite(static_cast<float>(scale * pw_hi + offset));
+}
+
+// Validates one tensor's scalar format parameters (bits, alpha, scale > 0,
+// finite offset, all levels finite in float32).
+inline void check_format_params(double alpha, double scale, double offset, int64_t bits,
+                                const char* scale_name, const char* offset_name) {
+  check_bits(bits);
+  check_alpha(alpha);
+  check_scale(scale, scale_name);
+  check_offset(offset, offset_name);
+  const int E = exp_range(static_cast<int>(bits));
+  TORCH_CHECK(levels_finite_f32(std::pow(alpha, -E), std::pow(alpha, E), scale, offset),
+              "dnateq: alpha=", alpha, ", ", scale_name, "=", scale, ", ", offset_name, "=",
+              offset, " give a non-finite level at bits=", bits,
+              " (S * alpha^E + beta overflows float32)");
+}
+
 // Validates the parameters of one tensor's format and builds its tables;
 // rejects parameter sets whose levels or thresholds are not finite.
 inline void make_checked_tables(ExpTables& t, double alpha, double scale,
                                 double offset, int64_t bits,
                                 Rounding rounding, const char* scale_name,
                                 const char* offset_name) {
-  check_bits(bits);
-  check_alpha(alpha);
-  check_scale(scale, scale_name);
-  check_offset(offset, offset_name);
+  check_format_params(alpha, scale, offset, bits, scale_name, offset_name);
   make_tables(t, alpha, scale, offset, static_cast<int>(bits), rounding);
   for (int b = 1; b <= num_levels(static_cast<int>(bits)); ++b) {
     TORCH_CHECK(std::isfinite(t.levels[b]), "dnateq: alpha=", alpha, ", ",
@@ -120,6 +142,58 @@ inline void make_checked_tables(ExpTables& t, double alpha, double scale,
                 " give a non-finite level at bits=", bits,
                 " (alpha^E overflows float32)");
   }
+}
+
+// Per-output-channel weight parameters (SPEC section 9): w_scale and
+// w_offset, float32 [n_out] on `ref`'s device, given together or not at all.
+// Given, they replace the scalar sw/bw (which are then not read). Returns
+// contiguous float32 CPU copies (undefined when absent) for the checks and
+// the CPU kernels; CUDA kernels read the device tensors.
+struct ChannelParams {
+  at::Tensor scale, offset;  // float32 [n_out] contiguous, on the CPU
+  at::Tensor scale_dev, offset_dev;  // the caller's tensors, contiguous
+  bool defined() const { return scale.defined(); }
+};
+
+inline ChannelParams check_channel_params(const c10::optional<at::Tensor>& w_scale,
+                                          const c10::optional<at::Tensor>& w_offset,
+                                          int64_t n_out, double alpha, int64_t bits,
+                                          const at::Tensor& ref, const char* ref_name) {
+  ChannelParams P;
+  const bool hs = w_scale.has_value() && w_scale->defined();
+  const bool ho = w_offset.has_value() && w_offset->defined();
+  if (!hs && !ho) return P;
+  TORCH_CHECK(hs && ho, "dnateq: w_scale and w_offset must be given together (per-channel "
+              "weight parameters), got only ", hs ? "w_scale" : "w_offset");
+  const std::pair<const at::Tensor*, const char*> ts[2] = {{&*w_scale, "w_scale"},
+                                                           {&*w_offset, "w_offset"}};
+  for (const auto& [t, name] : ts) {
+    check_same_device(*t, name, ref, ref_name);
+    TORCH_CHECK(t->scalar_type() == at::kFloat, "dnateq: ", name,
+                " must be float32, got ", t->scalar_type());
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == n_out, "dnateq: ", name,
+                " must have shape [", n_out, "] (one per output channel), got ",
+                t->sizes());
+  }
+  P.scale_dev = w_scale->contiguous();
+  P.offset_dev = w_offset->contiguous();
+  P.scale = P.scale_dev.is_cpu() ? P.scale_dev : P.scale_dev.cpu();
+  P.offset = P.offset_dev.is_cpu() ? P.offset_dev : P.offset_dev.cpu();
+  const int E = exp_range(static_cast<int>(bits));
+  const double lo = std::pow(alpha, -E), hi = std::pow(alpha, E);
+  const float* s = P.scale.const_data_ptr<float>();
+  const float* o = P.offset.const_data_ptr<float>();
+  for (int64_t j = 0; j < n_out; ++j) {
+    TORCH_CHECK(std::isfinite(s[j]) && s[j] > 0.f, "dnateq: w_scale must be finite and > 0, "
+                "got w_scale[", j, "]=", s[j]);
+    TORCH_CHECK(std::isfinite(o[j]), "dnateq: w_offset must be finite, got w_offset[", j,
+                "]=", o[j]);
+    TORCH_CHECK(levels_finite_f32(lo, hi, s[j], o[j]), "dnateq: alpha=", alpha,
+                ", w_scale[", j, "]=", s[j], ", w_offset[", j, "]=", o[j],
+                " give a non-finite level at bits=", bits,
+                " (S * alpha^E + beta overflows float32)");
+  }
+  return P;
 }
 
 // Rows and row length of a tensor's packed layout (SPEC section 1): a 0-d
@@ -155,7 +229,7 @@ inline void check_w_shape(at::IntArrayRef w_shape, int64_t dims, const char* wha
 }
 
 // Optional float bias of n_out outputs, on `ref`'s device: returned as a
-// contiguous float32 tensor (undefined when absent).
+// contiguous float32 tensor (undefined when absent). NaN/Inf is rejected.
 inline at::Tensor checked_bias(const c10::optional<at::Tensor>& bias, int64_t n_out,
                                const at::Tensor& ref, const char* ref_name) {
   if (!bias.has_value() || !bias->defined()) return at::Tensor();
@@ -165,36 +239,46 @@ inline at::Tensor checked_bias(const c10::optional<at::Tensor>& bias, int64_t n_
               bias->scalar_type());
   TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n_out,
               "dnateq: bias must have shape [", n_out, "], got ", bias->sizes());
-  return bias->to(at::kFloat).contiguous();
+  at::Tensor b = bias->to(at::kFloat).contiguous();
+  bool finite = true;
+  if (b.is_cpu()) {
+    const float* p = b.const_data_ptr<float>();
+    for (int64_t i = 0; i < n_out; ++i) finite &= std::isfinite(p[i]);
+  } else {
+    finite = at::isfinite(b).all().item<bool>();
+  }
+  TORCH_CHECK(finite, "dnateq: bias contains non-finite values (NaN or Inf)");
+  return b;
 }
 
-// Validation common to the count ops of every backend; returns the float32
-// bias (or undefined).
-inline at::Tensor check_count_args(const at::Tensor& a, const at::Tensor& w,
-                                   double alpha, double sa, double ba, double sw,
-                                   double bw, int64_t bits,
-                                   const c10::optional<at::Tensor>& bias,
-                                   c10::optional<int64_t> counter_bits,
-                                   const c10::optional<at::Tensor>& w_terms,
-                                   int64_t n_out) {
+// Validated arguments of the count ops of every backend.
+struct CountArgs {
+  at::Tensor bias;   // float32 or undefined
+  ChannelParams wc;  // per-channel weight parameters (undefined: sw/bw)
+};
+
+// Validation common to the count ops of every backend.
+inline CountArgs check_count_args(const at::Tensor& a, const at::Tensor& w,
+                                  double alpha, double sa, double ba, double sw,
+                                  double bw, int64_t bits,
+                                  const c10::optional<at::Tensor>& bias,
+                                  c10::optional<int64_t> counter_bits,
+                                  const c10::optional<at::Tensor>& w_terms,
+                                  int64_t n_out,
+                                  const c10::optional<at::Tensor>& w_scale,
+                                  const c10::optional<at::Tensor>& w_offset) {
   check_codes(a, "a_codes");
   check_codes(w, "w_codes");
   check_same_device(a, "a_codes", w, "w_codes");
-  check_bits(bits);
-  check_alpha(alpha);
-  check_scale(sa, "sa");
-  check_scale(sw, "sw");
-  check_offset(ba, "ba");
-  check_offset(bw, "bw");
+  check_format_params(alpha, sa, ba, bits, "sa", "ba");
+  CountArgs A;
+  A.wc = check_channel_params(w_scale, w_offset, n_out, alpha, bits, w, "w_codes");
+  if (!A.wc.defined()) check_format_params(alpha, sw, bw, bits, "sw", "bw");
   check_counter_bits(counter_bits);
   const int E = exp_range(static_cast<int>(bits));
   TORCH_CHECK(std::isfinite(std::pow(alpha, 2 * E)),
               "dnateq: alpha=", alpha, " overflows alpha^(2E) at bits=", bits);
-  at::Tensor b = checked_bias(bias, n_out, w, "w_codes");
-  if (b.defined()) {
-    TORCH_CHECK(at::isfinite(b).all().item<bool>(),
-                "dnateq: bias contains non-finite values (NaN or Inf)");
-  }
+  A.bias = checked_bias(bias, n_out, w, "w_codes");
   if (w_terms.has_value() && w_terms->defined()) {
     check_same_device(*w_terms, "w_terms", w, "w_codes");
     TORCH_CHECK(w_terms->scalar_type() == at::kInt,
@@ -205,13 +289,15 @@ inline at::Tensor check_count_args(const at::Tensor& a, const at::Tensor& w,
                 "dnateq: w_terms must have shape [", n_out, ", ", (1 << bits),
                 "], got ", w_terms->sizes());
   }
-  return b;
+  return A;
 }
 
 // Validated arguments of the LUT ops of every backend: both tensors' tables
-// and the float32 bias.
+// (tw holds the scalar sw/bw; unused when wc is defined), the per-channel
+// weight parameters and the float32 bias.
 struct LutArgs {
   ExpTables ta, tw;
+  ChannelParams wc;
   at::Tensor bias;  // float32 or undefined
 };
 
@@ -219,16 +305,48 @@ inline LutArgs check_lut_args(const at::Tensor& x, const at::Tensor& w_packed,
                               int64_t rows, int64_t K, double alpha, double sa,
                               double ba, double sw, double bw, int64_t bits,
                               bool w_signed, c10::string_view rounding,
-                              const c10::optional<at::Tensor>& bias, int64_t n_out) {
+                              const c10::optional<at::Tensor>& bias, int64_t n_out,
+                              const c10::optional<at::Tensor>& w_scale,
+                              const c10::optional<at::Tensor>& w_offset) {
   check_float_input(x, "x");
   check_same_device(x, "x", w_packed, "w_packed");
   LutArgs A;
   const Rounding r = parse_rounding(rounding);
   make_checked_tables(A.ta, alpha, sa, ba, bits, r, "sa", "ba");
-  make_checked_tables(A.tw, alpha, sw, bw, bits, r, "sw", "bw");
+  A.wc = check_channel_params(w_scale, w_offset, n_out, alpha, bits, x, "x");
+  if (A.wc.defined()) {
+    A.tw.bits = static_cast<int>(bits);  // levels come per row from wc
+    A.tw.E = exp_range(static_cast<int>(bits));
+  } else {
+    make_checked_tables(A.tw, alpha, sw, bw, bits, r, "sw", "bw");
+  }
   check_packed(w_packed, rows, K, bits, w_signed, "w_packed");
   A.bias = checked_bias(bias, n_out, x, "x");
   return A;
+}
+
+// Field values of one weight row with per-channel parameters (scale,
+// offset): lut[f] = sign * (scale * alpha^e + offset) rounded once to
+// float32, exactly the per-tensor table of (alpha, scale, offset).
+// `pw` holds alpha^e at index biased(e) (pw[0] unused).
+inline void row_field_values(const double* pw, int bits, bool is_signed, double scale,
+                             double offset, float* lut) {
+  const int b = packed_field_bits(bits, is_signed);
+  for (uint32_t f = 0; f < (1u << b); ++f) {
+    const uint8_t code = field_to_code(f, bits, is_signed);
+    const int mag = code & kMagMask;
+    const float lv = mag ? static_cast<float>(scale * pw[mag] + offset) : 0.f;
+    lut[f] = (code & kSignBit) ? -lv : lv;
+  }
+}
+
+// alpha^(b - 2^(n-1)) for biased exponents b = 1 .. 2^n - 1, as level_f64
+// computes them (index 0 = 0).
+inline void biased_powers(double alpha, int bits, double* pw) {
+  pw[0] = 0.0;
+  for (int b = 1; b <= num_levels(bits); ++b) {
+    pw[b] = std::pow(alpha, static_cast<double>(b - exp_bias(bits)));
+  }
 }
 
 // Per-operator argument checks shared by the backends.

@@ -24,7 +24,9 @@ at::Tensor exp_linear_count(const at::Tensor& a_codes, const at::Tensor& w_codes
                             double bw, int64_t bits,
                             const c10::optional<at::Tensor>& bias,
                             c10::optional<int64_t> counter_bits,
-                            const c10::optional<at::Tensor>& w_terms);
+                            const c10::optional<at::Tensor>& w_terms,
+                            const c10::optional<at::Tensor>& w_scale = c10::nullopt,
+                            const c10::optional<at::Tensor>& w_offset = c10::nullopt);
 at::Tensor exp_conv2d_count(const at::Tensor& a_codes, const at::Tensor& w_codes,
                             double alpha, double sa, double ba, double sw,
                             double bw, int64_t bits,
@@ -32,13 +34,17 @@ at::Tensor exp_conv2d_count(const at::Tensor& a_codes, const at::Tensor& w_codes
                             at::IntArrayRef stride, at::IntArrayRef padding,
                             at::IntArrayRef dilation, int64_t groups,
                             c10::optional<int64_t> counter_bits,
-                            const c10::optional<at::Tensor>& w_terms);
+                            const c10::optional<at::Tensor>& w_terms,
+                            const c10::optional<at::Tensor>& w_scale = c10::nullopt,
+                            const c10::optional<at::Tensor>& w_offset = c10::nullopt);
 at::Tensor exp_linear_lut(const at::Tensor& x, const at::Tensor& w_packed,
                           at::IntArrayRef w_shape, double alpha, double sa,
                           double ba, double sw, double bw, int64_t bits,
                           bool a_signed, bool w_signed,
                           c10::string_view rounding,
-                          const c10::optional<at::Tensor>& bias);
+                          const c10::optional<at::Tensor>& bias,
+                          const c10::optional<at::Tensor>& w_scale = c10::nullopt,
+                          const c10::optional<at::Tensor>& w_offset = c10::nullopt);
 at::Tensor exp_conv2d_lut(const at::Tensor& x, const at::Tensor& w_packed,
                           at::IntArrayRef w_shape, double alpha, double sa,
                           double ba, double sw, double bw, int64_t bits,
@@ -46,7 +52,9 @@ at::Tensor exp_conv2d_lut(const at::Tensor& x, const at::Tensor& w_packed,
                           c10::string_view rounding,
                           const c10::optional<at::Tensor>& bias,
                           at::IntArrayRef stride, at::IntArrayRef padding,
-                          at::IntArrayRef dilation, int64_t groups);
+                          at::IntArrayRef dilation, int64_t groups,
+                          const c10::optional<at::Tensor>& w_scale = c10::nullopt,
+                          const c10::optional<at::Tensor>& w_offset = c10::nullopt);
 std::tuple<double, double, double, double> exp_fit(
     const at::Tensor& x, int64_t bits, c10::string_view search,
     c10::string_view rounding, c10::optional<double> alpha);

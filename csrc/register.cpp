@@ -1,5 +1,7 @@
 // Operator schemas (SPEC section 5). The argument order is binding: arguments
-// may only be appended, with defaults. Backends register in
+// may only be appended, with defaults. w_scale/w_offset (SPEC section 9):
+// per-output-channel weight parameters, float32 [N], given together; they
+// replace sw/bw. Backends register in
 // cpu/cpu_registration.cpp and kernels/cuda_registration.cu; fake (meta)
 // kernels are registered from Python (python/dnateq/_meta.py).
 #include <Python.h>
@@ -26,21 +28,23 @@ TORCH_LIBRARY(dnateq, m) {
   m.def(
       "exp_linear_count(Tensor a_codes, Tensor w_codes, float alpha, float sa, "
       "float ba, float sw, float bw, int bits, Tensor? bias, int? counter_bits, "
-      "Tensor? w_terms=None) -> Tensor");
+      "Tensor? w_terms=None, Tensor? w_scale=None, Tensor? w_offset=None) -> Tensor");
   m.def(
       "exp_conv2d_count(Tensor a_codes, Tensor w_codes, float alpha, float sa, "
       "float ba, float sw, float bw, int bits, Tensor? bias, int[2] stride, "
       "int[2] padding, int[2] dilation, int groups, int? counter_bits, "
-      "Tensor? w_terms=None) -> Tensor");
+      "Tensor? w_terms=None, Tensor? w_scale=None, Tensor? w_offset=None) -> Tensor");
   m.def(
       "exp_linear_lut(Tensor x, Tensor w_packed, int[] w_shape, float alpha, "
       "float sa, float ba, float sw, float bw, int bits, bool a_signed, "
-      "bool w_signed, str rounding, Tensor? bias) -> Tensor");
+      "bool w_signed, str rounding, Tensor? bias, Tensor? w_scale=None, "
+      "Tensor? w_offset=None) -> Tensor");
   m.def(
       "exp_conv2d_lut(Tensor x, Tensor w_packed, int[] w_shape, float alpha, "
       "float sa, float ba, float sw, float bw, int bits, bool a_signed, "
       "bool w_signed, str rounding, Tensor? bias, int[2] stride, "
-      "int[2] padding, int[2] dilation, int groups) -> Tensor");
+      "int[2] padding, int[2] dilation, int groups, Tensor? w_scale=None, "
+      "Tensor? w_offset=None) -> Tensor");
   m.def(
       "exp_fit(Tensor x, int bits, str search=\"golden\", "
       "str rounding=\"nearest\", float? alpha=None) "

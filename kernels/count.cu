@@ -20,6 +20,10 @@
 // C4 = sum_b C2[b] (before clamping), then each of C1[k], C2[k], C3[k], C4 is
 // clamped to [-2^(cb-1), 2^(cb-1) - 1] when counter_bits is given.
 //
+// Per-output-channel weight parameters (w_scale/w_offset, float32 [N] on
+// the device): lane 0 forms sa*S_n, ba*S_n, sa*beta_n, ba*beta_n in float64
+// for its output n, as the CPU does; otherwise the scalar products of sw/bw.
+//
 // Conv: im2col of the codes on the device into uint8 [N*Ho*Wo, C/g*kh*kw]
 // per group (zero codes where padded), then the same counting kernel with an
 // output map that writes NCHW directly.
@@ -42,6 +46,7 @@ constexpr int kMaxPw = 4 * ((1 << (kMaxBits - 1)) - 1) + 1;  // 4E + 1 = 253
 struct PostArgs {
   double pw[kMaxPw + 3];  // pw[k + 2E] = alpha^k, k = -2E .. 2E
   double sasw, basw, sabw, babw;
+  double sa, ba;  // for per-channel weight parameters
   long long lo, hi;
   int clamp;
 };
@@ -107,7 +112,8 @@ __global__ void __launch_bounds__(kCountThreads)
                  int64_t M, int64_t N, int64_t K, int bits,
                  const int32_t* __restrict__ terms,
                  const int8_t* __restrict__ use_terms,
-                 const float* __restrict__ bias, float* __restrict__ out,
+                 const float* __restrict__ bias, const float* __restrict__ ws,
+                 const float* __restrict__ wo, float* __restrict__ out,
                  OutMap map, PostArgs post) {
   extern __shared__ __align__(16) unsigned char smem[];
   double* s_pw = reinterpret_cast<double*>(smem);
@@ -200,10 +206,18 @@ __global__ void __launch_bounds__(kCountThreads)
     const double t3 = __shfl_sync(0xffffffffu, t, 2);
     c4 = __shfl_sync(0xffffffffu, c4, 1);
     if (lane == 0) {
-      double y = __dmul_rn(post.sasw, t);
-      y = __dadd_rn(y, __dmul_rn(post.basw, t2));
-      y = __dadd_rn(y, __dmul_rn(post.sabw, t3));
-      y = __dadd_rn(y, __dmul_rn(post.babw,
+      double sasw = post.sasw, basw = post.basw, sabw = post.sabw, babw = post.babw;
+      if (ws != nullptr) {
+        const double sn = static_cast<double>(ws[n]), on = static_cast<double>(wo[n]);
+        sasw = __dmul_rn(post.sa, sn);
+        basw = __dmul_rn(post.ba, sn);
+        sabw = __dmul_rn(post.sa, on);
+        babw = __dmul_rn(post.ba, on);
+      }
+      double y = __dmul_rn(sasw, t);
+      y = __dadd_rn(y, __dmul_rn(basw, t2));
+      y = __dadd_rn(y, __dmul_rn(sabw, t3));
+      y = __dadd_rn(y, __dmul_rn(babw,
                                  static_cast<double>(clamp_count(c4, post))));
       if (bias != nullptr) y = __dadd_rn(y, static_cast<double>(bias[n]));
       const int64_t q = m / map.hw;
@@ -258,6 +272,8 @@ PostArgs make_post(double alpha, double sa, double ba, double sw, double bw,
   P.basw = ba * sw;
   P.sabw = sa * bw;
   P.babw = ba * bw;
+  P.sa = sa;
+  P.ba = ba;
   P.clamp = counter_bits.has_value() ? 1 : 0;
   P.lo = P.hi = 0;
   if (counter_bits.has_value()) {
@@ -294,8 +310,8 @@ void check_code_ranges(const at::Tensor& a, const at::Tensor& w, int64_t bits) {
 // [0, N) of `w` ([N, K]); terms/bias/out already offset to the first row.
 void launch_count(const uint8_t* a, const uint8_t* w, int64_t M, int64_t N,
                   int64_t K, int64_t bits, const int32_t* terms,
-                  bool want_terms, const float* bias, float* out,
-                  const OutMap& map, const PostArgs& post,
+                  bool want_terms, const float* bias, const float* ws,
+                  const float* wo, float* out, const OutMap& map, const PostArgs& post,
                   const at::TensorOptions& opts) {
   if (M == 0 || N == 0) return;
   auto stream = at::cuda::getCurrentCUDAStream();
@@ -317,10 +333,12 @@ void launch_count(const uint8_t* a, const uint8_t* w, int64_t M, int64_t N,
   const int8_t* use_p = want_terms ? use.const_data_ptr<int8_t>() : nullptr;
   if (vec4) {
     count_kernel<true><<<grid, kCountThreads, smem, stream>>>(
-        a, w, M, N, K, static_cast<int>(bits), terms, use_p, bias, out, map, post);
+        a, w, M, N, K, static_cast<int>(bits), terms, use_p, bias, ws, wo, out, map,
+        post);
   } else {
     count_kernel<false><<<grid, kCountThreads, smem, stream>>>(
-        a, w, M, N, K, static_cast<int>(bits), terms, use_p, bias, out, map, post);
+        a, w, M, N, K, static_cast<int>(bits), terms, use_p, bias, ws, wo, out, map,
+        post);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -333,11 +351,15 @@ at::Tensor exp_linear_count(const at::Tensor& a_in, const at::Tensor& w_in,
                             double bw, int64_t bits,
                             const c10::optional<at::Tensor>& bias,
                             c10::optional<int64_t> counter_bits,
-                            const c10::optional<at::Tensor>& w_terms_in) {
+                            const c10::optional<at::Tensor>& w_terms_in,
+                            const c10::optional<at::Tensor>& w_scale,
+                            const c10::optional<at::Tensor>& w_offset) {
   const auto [N, K] = check_linear_count_shapes(a_in, w_in);
-  const at::Tensor b = check_count_args(a_in, w_in, alpha, sa, ba, sw, bw,
-                                                bits, bias, counter_bits,
-                                                w_terms_in, N);
+  const CountArgs CA = check_count_args(a_in, w_in, alpha, sa, ba, sw, bw, bits, bias,
+                                        counter_bits, w_terms_in, N, w_scale, w_offset);
+  const at::Tensor& b = CA.bias;
+  const float* ws = CA.wc.defined() ? CA.wc.scale_dev.const_data_ptr<float>() : nullptr;
+  const float* wo = CA.wc.defined() ? CA.wc.offset_dev.const_data_ptr<float>() : nullptr;
   const c10::cuda::CUDAGuard guard(a_in.device());
   const at::Tensor a = a_in.contiguous(), w = w_in.contiguous();
   detail::check_code_ranges(a, w, bits);
@@ -356,7 +378,7 @@ at::Tensor exp_linear_count(const at::Tensor& a_in, const at::Tensor& w_in,
       reinterpret_cast<const uint8_t*>(a.const_data_ptr<int8_t>()),
       reinterpret_cast<const uint8_t*>(w.const_data_ptr<int8_t>()), M, N, K,
       bits, want_terms ? terms.const_data_ptr<int32_t>() : nullptr, want_terms,
-      b.defined() ? b.const_data_ptr<float>() : nullptr, out.data_ptr<float>(),
+      b.defined() ? b.const_data_ptr<float>() : nullptr, ws, wo, out.data_ptr<float>(),
       map, post, a.options());
   return out;
 }
@@ -368,14 +390,18 @@ at::Tensor exp_conv2d_count(const at::Tensor& a_in, const at::Tensor& w_in,
                             at::IntArrayRef stride, at::IntArrayRef padding,
                             at::IntArrayRef dilation, int64_t groups,
                             c10::optional<int64_t> counter_bits,
-                            const c10::optional<at::Tensor>& w_terms_in) {
+                            const c10::optional<at::Tensor>& w_terms_in,
+                            const c10::optional<at::Tensor>& w_scale,
+                            const c10::optional<at::Tensor>& w_offset) {
   const auto [Ho, Wo] = check_conv_geometry(a_in.sizes(), w_in.sizes(), stride, padding,
                                             dilation, groups, "a_codes", "w_codes");
   const int64_t Nb = a_in.size(0), C = a_in.size(1), H = a_in.size(2), Wd = a_in.size(3);
   const int64_t O = w_in.size(0), Cg = w_in.size(1), kh = w_in.size(2), kw = w_in.size(3);
-  const at::Tensor b = check_count_args(a_in, w_in, alpha, sa, ba, sw, bw,
-                                                bits, bias, counter_bits,
-                                                w_terms_in, O);
+  const CountArgs CA = check_count_args(a_in, w_in, alpha, sa, ba, sw, bw, bits, bias,
+                                        counter_bits, w_terms_in, O, w_scale, w_offset);
+  const at::Tensor& b = CA.bias;
+  const float* ws = CA.wc.defined() ? CA.wc.scale_dev.const_data_ptr<float>() : nullptr;
+  const float* wo = CA.wc.defined() ? CA.wc.offset_dev.const_data_ptr<float>() : nullptr;
   const c10::cuda::CUDAGuard guard(a_in.device());
   const at::Tensor a = a_in.contiguous(), w = w_in.contiguous();
   detail::check_code_ranges(a, w, bits);
@@ -408,6 +434,7 @@ at::Tensor exp_conv2d_count(const at::Tensor& a_in, const at::Tensor& w_in,
         col.const_data_ptr<uint8_t>(), wp + g * Og * Kg, M, Og, Kg, bits,
         want_terms ? terms.const_data_ptr<int32_t>() + g * Og * nb : nullptr,
         want_terms, b.defined() ? b.const_data_ptr<float>() + g * Og : nullptr,
+        ws ? ws + g * Og : nullptr, wo ? wo + g * Og : nullptr,
         out.data_ptr<float>() + g * Og * HW, map, post, a.options());
   }
   return out;

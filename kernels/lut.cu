@@ -14,6 +14,12 @@
 // rows zero-padded to a multiple of 32 so that chunks never need a bound
 // check) for all M rows at once, in float32. A warp shuffle reduction ends
 // each row.
+//
+// Per-output-channel weight parameters (w_scale/w_offset, SPEC section 9):
+// the weights are decoded with ATen ops into per-row levels
+// sign * float32(S_n * alpha^e + beta_n) (float64 products, the CPU's
+// formula), then the native matmul / convolution; the fused GEMV serves the
+// per-tensor case only.
 #include <vector>
 
 #include "cuda_common.cuh"
@@ -128,6 +134,27 @@ void launch_gemv(int fb, const at::Tensor& xq, int M, const at::Tensor& packed,
   }
 }
 
+// Per-channel decode: float levels [rows, K] in dtype from the packed codes.
+at::Tensor decode_per_channel(const at::Tensor& w_packed, int64_t rows, int64_t K,
+                              int64_t bits, bool w_signed, double alpha,
+                              const ChannelParams& wc, at::ScalarType dtype) {
+  const at::Tensor codes = dnateq::cuda::exp_unpack(w_packed, bits, w_signed, {rows, K});
+  const at::Tensor u = codes.to(at::kInt).bitwise_and(0xFF);
+  const at::Tensor mag = u.bitwise_and(kMagMask).to(at::kLong);
+  const at::Tensor neg = u.bitwise_and(kSignBit).ne(0);
+  double pw[kMaxLevels + 1];
+  biased_powers(alpha, static_cast<int>(bits), pw);
+  const at::Tensor pwt =
+      at::from_blob(pw, {num_levels(static_cast<int>(bits)) + 1}, at::kDouble)
+          .to(w_packed.device());
+  const at::Tensor s = wc.scale_dev.to(at::kDouble).unsqueeze(1);
+  const at::Tensor o = wc.offset_dev.to(at::kDouble).unsqueeze(1);
+  at::Tensor lv = at::add(at::mul(s, pwt.take(mag)), o).to(at::kFloat);
+  lv = at::where(mag.eq(0), at::zeros_like(lv), lv);
+  lv = at::where(neg, lv.neg(), lv);
+  return lv.to(dtype).contiguous();
+}
+
 c10::optional<at::Tensor> bias_as(const at::Tensor& b, at::ScalarType t) {
   if (!b.defined()) return c10::nullopt;
   return b.to(t);
@@ -141,17 +168,19 @@ at::Tensor exp_linear_lut(const at::Tensor& x, const at::Tensor& w_packed,
                           double ba, double sw, double bw, int64_t bits,
                           bool /*a_signed: the float path handles any sign*/,
                           bool w_signed, c10::string_view rounding,
-                          const c10::optional<at::Tensor>& bias) {
+                          const c10::optional<at::Tensor>& bias,
+                          const c10::optional<at::Tensor>& w_scale,
+                          const c10::optional<at::Tensor>& w_offset) {
   const auto [N, K] = check_linear_lut_shapes(x, w_shape);
-  const LutArgs A = check_lut_args(
-      x, w_packed, N, K, alpha, sa, ba, sw, bw, bits, w_signed, rounding, bias, N);
+  const LutArgs A = check_lut_args(x, w_packed, N, K, alpha, sa, ba, sw, bw, bits, w_signed,
+                                   rounding, bias, N, w_scale, w_offset);
   const c10::cuda::CUDAGuard guard(x.device());
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = N;
   int64_t M = 1;
   for (int64_t d = 0; d + 1 < x.dim(); ++d) M *= x.size(d);
 
-  if (M >= 1 && M <= detail::kGemvMaxRows && K > 0 && N > 0) {
+  if (M >= 1 && M <= detail::kGemvMaxRows && K > 0 && N > 0 && !A.wc.defined()) {
     const int64_t Kp = (K + 31) / 32 * 32;
     const at::Tensor xq = detail::fake_quantize_padded_f32(x, A.ta, M, K, Kp);
     const at::Tensor packed = detail::aligned_packed(w_packed);
@@ -167,7 +196,10 @@ at::Tensor exp_linear_lut(const at::Tensor& x, const at::Tensor& w_packed,
 
   const at::ScalarType dt = x.scalar_type();
   const at::Tensor xq = detail::fake_quantize(x, A.ta, dt);
-  const at::Tensor wq = detail::decode_packed(w_packed, N, K, A.tw, w_signed, dt);
+  const at::Tensor wq =
+      A.wc.defined()
+          ? detail::decode_per_channel(w_packed, N, K, bits, w_signed, alpha, A.wc, dt)
+          : detail::decode_packed(w_packed, N, K, A.tw, w_signed, dt);
   const auto b = detail::bias_as(A.bias, dt);
   at::Tensor y = b.has_value() ? at::linear(xq, wq, *b) : at::linear(xq, wq);
   return y.reshape(out_shape);
@@ -180,17 +212,22 @@ at::Tensor exp_conv2d_lut(const at::Tensor& x, const at::Tensor& w_packed,
                           c10::string_view rounding,
                           const c10::optional<at::Tensor>& bias,
                           at::IntArrayRef stride, at::IntArrayRef padding,
-                          at::IntArrayRef dilation, int64_t groups) {
+                          at::IntArrayRef dilation, int64_t groups,
+                          const c10::optional<at::Tensor>& w_scale,
+                          const c10::optional<at::Tensor>& w_offset) {
   check_w_shape(w_shape, 4, "[O, C/groups, kh, kw] for a conv weight");
   check_conv_geometry(x.sizes(), w_shape, stride, padding, dilation, groups, "x", "w_shape");
   const int64_t O = w_shape[0], K = w_shape[1] * w_shape[2] * w_shape[3];
-  const LutArgs A = check_lut_args(
-      x, w_packed, O, K, alpha, sa, ba, sw, bw, bits, w_signed, rounding, bias, O);
+  const LutArgs A = check_lut_args(x, w_packed, O, K, alpha, sa, ba, sw, bw, bits, w_signed,
+                                   rounding, bias, O, w_scale, w_offset);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::ScalarType dt = x.scalar_type();
   const at::Tensor xq = detail::fake_quantize(x, A.ta, dt);  // keeps channels-last
   const at::Tensor wq =
-      detail::decode_packed(w_packed, O, K, A.tw, w_signed, dt).reshape(w_shape);
+      (A.wc.defined()
+           ? detail::decode_per_channel(w_packed, O, K, bits, w_signed, alpha, A.wc, dt)
+           : detail::decode_packed(w_packed, O, K, A.tw, w_signed, dt))
+          .reshape(w_shape);
   return at::conv2d(xq, wq, detail::bias_as(A.bias, dt), stride, padding, dilation,
                     groups);
 }

@@ -180,3 +180,107 @@ def test_module_forward_cuda_equals_cpu(mode):
     y_gpu = q.to(DEV)(x.to(DEV)).cpu()
     scale = float(y_cpu.abs().max())
     torch.testing.assert_close(y_gpu, y_cpu, rtol=1e-4, atol=1e-4 * scale)
+
+
+# --------------------------------------------------------------------------
+# per-output-channel weight parameters (w_scale / w_offset, SPEC section 9)
+# --------------------------------------------------------------------------
+
+def _channel_layer(N, K, bits, conv=False):
+    w = torch.randn((N, 4, 3, 3) if conv else (N, K)) * torch.logspace(
+        -2, 1, N).reshape([-1] + [1] * (3 if conv else 1))
+    a = params(w, bits)[0]
+    S, B = [], []
+    for j in range(N):
+        _, s, b = params(w[j], bits, alpha=a)
+        S.append(s)
+        B.append(b)
+    S, B = torch.tensor(S), torch.tensor(B)
+    wc = torch.stack([dnateq.exp_quantize(w[j], a, float(S[j]), float(B[j]), bits)
+                      for j in range(N)])
+    return a, S, B, wc
+
+
+@pytest.mark.parametrize("relu", [True, False])
+@pytest.mark.parametrize("M", [1, 3, 8, 64])
+def test_linear_channel_params_cuda_equals_cpu(relu, M):
+    torch.manual_seed(M)
+    bits, N, K = 4, 33, 300
+    a, S, B, wc = _channel_layer(N, K, bits)
+    x = torch.randn(M, K)
+    if relu:
+        x = torch.relu(x)
+    _, sa, ba = params(x, bits, alpha=a)
+    ac = dnateq.exp_quantize(x, a, sa, ba, bits)
+    bias = torch.randn(N)
+    pc = dict(w_scale=S, w_offset=B)
+    pcd = dict(w_scale=S.to(DEV), w_offset=B.to(DEV))
+    terms = dnateq.weight_terms(wc, bits)
+    for t in (None, terms):
+        y_cpu = dnateq.exp_linear_count(ac, wc, a, sa, ba, 1.0, 0.0, bits, bias, None, t, **pc)
+        y_gpu = dnateq.exp_linear_count(ac.to(DEV), wc.to(DEV), a, sa, ba, 1.0, 0.0, bits,
+                                        bias.to(DEV), None, None if t is None else t.to(DEV),
+                                        **pcd)
+        torch.testing.assert_close(y_gpu.cpu(), y_cpu, rtol=1e-6, atol=1e-6)
+    wp = dnateq.exp_pack(wc, bits, True)
+    for dtype, tol in ((torch.float32, 1e-4), (torch.float16, 1e-2)):
+        l_cpu = dnateq.exp_linear_lut(x, wp, [N, K], a, sa, ba, 1.0, 0.0, bits, True, True,
+                                      "nearest", bias, **pc)
+        l_gpu = dnateq.exp_linear_lut(x.to(DEV, dtype), wp.to(DEV), [N, K], a, sa, ba, 1.0, 0.0,
+                                      bits, True, True, "nearest", bias.to(DEV), **pcd)
+        assert l_gpu.dtype == dtype
+        scale = float(l_cpu.abs().max())
+        torch.testing.assert_close(l_gpu.float().cpu(), l_cpu, rtol=tol, atol=tol * scale)
+
+
+@pytest.mark.parametrize("stride,padding,groups", [(1, 1, 1), (2, 0, 2)])
+def test_conv_channel_params_cuda_equals_cpu(stride, padding, groups):
+    torch.manual_seed(2)
+    bits = 4
+    a, S, B, wc = _channel_layer(8, 0, bits, conv=True)
+    x = torch.relu(torch.randn(2, 4 * groups, 9, 9))
+    _, sa, ba = params(x, bits, alpha=a)
+    ac = dnateq.exp_quantize(x, a, sa, ba, bits)
+    geo = dict(stride=stride, padding=padding, groups=groups)
+    pc = dict(w_scale=S, w_offset=B)
+    pcd = dict(w_scale=S.to(DEV), w_offset=B.to(DEV))
+    y_cpu = dnateq.exp_conv2d_count(ac, wc, a, sa, ba, 1.0, 0.0, bits, **geo, **pc)
+    y_gpu = dnateq.exp_conv2d_count(ac.to(DEV), wc.to(DEV), a, sa, ba, 1.0, 0.0, bits, **geo,
+                                    **pcd)
+    torch.testing.assert_close(y_gpu.cpu(), y_cpu, rtol=1e-6, atol=1e-6)
+    wp = dnateq.exp_pack(wc, bits, True)
+    l_cpu = dnateq.exp_conv2d_lut(x, wp, list(wc.shape), a, sa, ba, 1.0, 0.0, bits, False,
+                                  True, "nearest", None, **geo, **pc)
+    l_gpu = dnateq.exp_conv2d_lut(x.to(DEV), wp.to(DEV), list(wc.shape), a, sa, ba, 1.0, 0.0,
+                                  bits, False, True, "nearest", None, **geo, **pcd)
+    scale = float(l_cpu.abs().max())
+    torch.testing.assert_close(l_gpu.cpu(), l_cpu, rtol=1e-4, atol=1e-4 * scale)
+
+
+def test_channel_params_bad_input_on_cuda():
+    bits, N, K = 3, 4, 8
+    ac = torch.zeros(2, K, dtype=torch.int8, device=DEV)
+    wc = torch.zeros(N, K, dtype=torch.int8, device=DEV)
+    good = torch.full((N,), 0.1, device=DEV)
+    cases = [
+        (good.cpu(), good, "same device"),
+        (good.double(), good, "w_scale must be float32"),
+        (good[:3], good, r"w_scale must have shape \[4\]"),
+        (good, None, "given together"),
+        (torch.tensor([0.1, 0.0, 0.1, 0.1], device=DEV), good, "w_scale must be finite and > 0"),
+        (torch.full((N,), 3e38, device=DEV), good, "non-finite level"),
+    ]
+    x = torch.randn(2, K, device=DEV)
+    wp = dnateq.exp_pack(wc, bits, True)
+    for s, o, msg in cases:
+        with pytest.raises(RuntimeError, match=msg):
+            dnateq.exp_linear_count(ac, wc, 1.3, 0.1, 0.0, 0.1, 0.0, bits, None,
+                                    w_scale=s, w_offset=o)
+        with pytest.raises(RuntimeError, match=msg):
+            dnateq.exp_linear_lut(x, wp, [N, K], 1.3, 0.1, 0.0, 0.1, 0.0, bits, True, True,
+                                  "nearest", None, w_scale=s, w_offset=o)
+    with pytest.raises(RuntimeError, match="sw=1e\\+300"):
+        dnateq.exp_linear_count(ac, wc, 1.3, 0.1, 0.0, 1e300, 0.0, bits, None)
+    with pytest.raises(RuntimeError, match="bias contains non-finite"):
+        dnateq.exp_linear_lut(x, wp, [N, K], 1.3, 0.1, 0.0, 0.1, 0.0, bits, True, True,
+                              "nearest", torch.tensor([0.0, float("nan"), 0.0, 0.0], device=DEV))

@@ -56,6 +56,10 @@ struct Weights {
 
 struct Post {
   double sasw, basw, sabw, babw;
+  // Per-output-channel weight parameters (null: the scalars above).
+  double sa = 0, ba = 0;
+  const float* ws = nullptr;
+  const float* wo = nullptr;
   std::vector<double> pw;  // alpha^k, k = -2E .. 2E, at index k + 2E
   int E;
   bool clamp = false;
@@ -226,8 +230,12 @@ void count_row(const RowList& R, const Weights& W, const Layout& L,
     const double t3 = weighted_sum(h + L.off3 + 1, pw2 + 1, nb - 1, P);
     int64_t c4 = 0;
     for (int b = 1; b < nb; ++b) c4 += static_cast<int32_t>(c2[b]);
-    double y = P.sasw * t1 + P.basw * t2 + P.sabw * t3 +
-               P.babw * static_cast<double>(P.c(c4));
+    double sasw = P.sasw, basw = P.basw, sabw = P.sabw, babw = P.babw;
+    if (P.ws) {
+      const double s = P.ws[n], o = P.wo[n];
+      sasw = P.sa * s; basw = P.ba * s; sabw = P.sa * o; babw = P.ba * o;
+    }
+    double y = sasw * t1 + basw * t2 + sabw * t3 + babw * static_cast<double>(P.c(c4));
     if (P.bias) y += static_cast<double>(P.bias[n]);
     out[n * out_stride] = static_cast<float>(y);
   }
@@ -235,9 +243,14 @@ void count_row(const RowList& R, const Weights& W, const Layout& L,
 
 Post make_post(double alpha, double sa, double ba, double sw, double bw,
                int64_t bits, c10::optional<int64_t> counter_bits,
-               const float* bias) {
+               const float* bias, const ChannelParams& wc) {
   Post P;
   P.sasw = sa * sw; P.basw = ba * sw; P.sabw = sa * bw; P.babw = ba * bw;
+  if (wc.defined()) {
+    P.sa = sa; P.ba = ba;
+    P.ws = wc.scale.const_data_ptr<float>();
+    P.wo = wc.offset.const_data_ptr<float>();
+  }
   P.E = exp_range(static_cast<int>(bits));
   for (int k = -2 * P.E; k <= 2 * P.E; ++k) P.pw.push_back(std::pow(alpha, k));
   if (counter_bits.has_value()) {
@@ -261,10 +274,13 @@ at::Tensor exp_linear_count(const at::Tensor& a_in, const at::Tensor& w_in,
                             double bw, int64_t bits,
                             const c10::optional<at::Tensor>& bias,
                             c10::optional<int64_t> counter_bits,
-                            const c10::optional<at::Tensor>& w_terms_in) {
+                            const c10::optional<at::Tensor>& w_terms_in,
+                            const c10::optional<at::Tensor>& w_scale,
+                            const c10::optional<at::Tensor>& w_offset) {
   const auto [N, K] = check_linear_count_shapes(a_in, w_in);
-  const at::Tensor b = check_count_args(a_in, w_in, alpha, sa, ba, sw, bw, bits,
-                                        bias, counter_bits, w_terms_in, N);
+  const CountArgs CA = check_count_args(a_in, w_in, alpha, sa, ba, sw, bw, bits, bias,
+                                        counter_bits, w_terms_in, N, w_scale, w_offset);
+  const at::Tensor& b = CA.bias;
   const at::Tensor a = a_in.contiguous(), w = w_in.contiguous();
   check_code_range(a, bits, "a_codes");
   check_code_range(w, bits, "w_codes");
@@ -277,7 +293,7 @@ at::Tensor exp_linear_count(const at::Tensor& a_in, const at::Tensor& w_in,
   const Layout L(static_cast<int>(bits));
   const Weights W = prepare_weights(w, w_terms);
   const Post P = make_post(alpha, sa, ba, sw, bw, bits, counter_bits,
-                           b.defined() ? b.const_data_ptr<float>() : nullptr);
+                           b.defined() ? b.const_data_ptr<float>() : nullptr, CA.wc);
   const uint8_t* ap = reinterpret_cast<const uint8_t*>(a.const_data_ptr<int8_t>());
   float* op = out.data_ptr<float>();
   const int64_t threads = at::get_num_threads();
@@ -312,13 +328,16 @@ at::Tensor exp_conv2d_count(const at::Tensor& a_in, const at::Tensor& w_in,
                             at::IntArrayRef stride, at::IntArrayRef padding,
                             at::IntArrayRef dilation, int64_t groups,
                             c10::optional<int64_t> counter_bits,
-                            const c10::optional<at::Tensor>& w_terms_in) {
+                            const c10::optional<at::Tensor>& w_terms_in,
+                            const c10::optional<at::Tensor>& w_scale,
+                            const c10::optional<at::Tensor>& w_offset) {
   const auto [Ho, Wo] = check_conv_geometry(a_in.sizes(), w_in.sizes(), stride, padding,
                                             dilation, groups, "a_codes", "w_codes");
   const int64_t Nb = a_in.size(0), C = a_in.size(1), H = a_in.size(2), Wd = a_in.size(3);
   const int64_t O = w_in.size(0), Cg = w_in.size(1), kh = w_in.size(2), kw = w_in.size(3);
-  const at::Tensor b = check_count_args(a_in, w_in, alpha, sa, ba, sw, bw, bits,
-                                        bias, counter_bits, w_terms_in, O);
+  const CountArgs CA = check_count_args(a_in, w_in, alpha, sa, ba, sw, bw, bits, bias,
+                                        counter_bits, w_terms_in, O, w_scale, w_offset);
+  const at::Tensor& b = CA.bias;
   const at::Tensor a = a_in.contiguous(), w = w_in.contiguous();
   check_code_range(a, bits, "a_codes");
   check_code_range(w, bits, "w_codes");
@@ -329,7 +348,7 @@ at::Tensor exp_conv2d_count(const at::Tensor& a_in, const at::Tensor& w_in,
   const Layout L(static_cast<int>(bits));
   const Weights W = prepare_weights(w, w_terms);
   const Post P = make_post(alpha, sa, ba, sw, bw, bits, counter_bits,
-                           b.defined() ? b.const_data_ptr<float>() : nullptr);
+                           b.defined() ? b.const_data_ptr<float>() : nullptr, CA.wc);
   const uint8_t* ap = reinterpret_cast<const uint8_t*>(a.const_data_ptr<int8_t>());
   float* op = out.data_ptr<float>();
   // One task per (image, group, output position): gather the receptive field

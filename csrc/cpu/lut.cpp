@@ -3,6 +3,10 @@
 // their level tables, and call the native matmul / convolution. For a few
 // rows (GEMV, the memory-bound decoding case) a fused kernel reads the packed
 // weights directly and never writes a float copy of them.
+//
+// Per-output-channel weight parameters (w_scale/w_offset, SPEC section 9):
+// every path decodes weight row n through its own field table, built from
+// (alpha, w_scale[n], w_offset[n]) exactly as the per-tensor table is.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -16,6 +20,33 @@ namespace dnateq {
 namespace cpu {
 namespace {
 
+// Field tables of the weight rows: one shared table (per-tensor) or one per
+// row (per-channel), built on demand into a caller's buffer.
+struct RowTables {
+  const ExpTables* tw;
+  bool w_signed;
+  const float* ws = nullptr;  // per-channel scale / offset, or null
+  const float* wo = nullptr;
+  double pw[kMaxLevels + 1];
+  float shared[256];
+  RowTables(const ExpTables& t, bool is_signed, const ChannelParams& wc, double alpha)
+      : tw(&t), w_signed(is_signed) {
+    if (wc.defined()) {
+      ws = wc.scale.const_data_ptr<float>();
+      wo = wc.offset.const_data_ptr<float>();
+      biased_powers(alpha, t.bits, pw);
+    } else {
+      field_values(t, is_signed, shared);
+    }
+  }
+  // The table of row n: `shared`, or row n's built into buf.
+  const float* row(int64_t n, float* buf) const {
+    if (!ws) return shared;
+    row_field_values(pw, tw->bits, w_signed, ws[n], wo[n], buf);
+    return buf;
+  }
+};
+
 // Rows at or below which exp_linear_lut uses the fused decode-and-dot kernel.
 constexpr int64_t kGemvMaxRows = 4;
 // Activations (floats) up to which exp_linear_lut multiplies panel by panel:
@@ -25,12 +56,9 @@ constexpr int64_t kPanelMaxActivations = int64_t{1} << 18;
 // y[m, n] = sum_k xq[m, k] * level(w[n, k]) + bias[n], decoding each weight
 // row once for all m, in registers (no float copy of the row).
 at::Tensor fused_gemv(const at::Tensor& xq, const at::Tensor& packed, int64_t N,
-                      int64_t K, const ExpTables& tw, bool w_signed,
-                      const at::Tensor& bias) {
+                      int64_t K, const RowTables& T, const at::Tensor& bias) {
   const int64_t M = xq.size(0);
-  float lut[256];
-  field_values(tw, w_signed, lut);
-  const int b = packed_field_bits(tw.bits, w_signed);
+  const int b = packed_field_bits(T.tw->bits, T.w_signed);
   const int64_t rb = packed.size(1);
   const uint8_t* src = packed.const_data_ptr<uint8_t>();
   const float* x = xq.const_data_ptr<float>();
@@ -40,7 +68,9 @@ at::Tensor fused_gemv(const at::Tensor& xq, const at::Tensor& packed, int64_t N,
   constexpr int64_t kChunk = 1024;  // multiple of 32: chunks start on words
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
     float part[kGemvMaxRows];
+    float buf[256];
     for (int64_t n = n0; n < n1; ++n) {
+      const float* lut = T.row(n, buf);
       // float partial sums per chunk, accumulated in double
       double acc[kGemvMaxRows] = {0, 0, 0, 0};
       for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
@@ -64,11 +94,9 @@ at::Tensor fused_gemv(const at::Tensor& xq, const at::Tensor& packed, int64_t N,
 // the whole weight (4 bytes per weight, written then read back from memory)
 // never exists; at batch 64 its round trip was a third of the GEMM's time.
 at::Tensor panel_gemm(const at::Tensor& xq, const at::Tensor& packed, int64_t N, int64_t K,
-                      const ExpTables& tw, bool w_signed, const at::Tensor& bias) {
+                      const RowTables& T, const at::Tensor& bias) {
   const int64_t M = xq.size(0);
-  float lut[256];
-  field_values(tw, w_signed, lut);
-  const int b = packed_field_bits(tw.bits, w_signed);
+  const int b = packed_field_bits(T.tw->bits, T.w_signed);
   const int64_t rb = packed.size(1);
   const uint8_t* src = packed.const_data_ptr<uint8_t>();
   at::Tensor out = at::empty({M, N}, xq.options());
@@ -79,10 +107,12 @@ at::Tensor panel_gemm(const at::Tensor& xq, const at::Tensor& packed, int64_t N,
   at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
     static thread_local std::vector<float> buf;
     buf.resize(static_cast<size_t>(rows * K));
+    float lbuf[256];
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t n0 = p * rows, nr = std::min(rows, N - n0);
       for (int64_t r = 0; r < nr; ++r) {
-        detail::decode_row_float(src + (n0 + r) * rb, K, rb, b, lut, buf.data() + r * K);
+        detail::decode_row_float(src + (n0 + r) * rb, K, rb, b, T.row(n0 + r, lbuf),
+                                 buf.data() + r * K);
       }
       const at::Tensor wp = at::from_blob(buf.data(), {nr, K}, xq.options());
       at::Tensor cols = out.narrow(1, n0, nr);
@@ -96,6 +126,25 @@ at::Tensor panel_gemm(const at::Tensor& xq, const at::Tensor& packed, int64_t N,
   return out;
 }
 
+// The whole weight decoded to float32 [N, K] (per-tensor: the shared
+// decoder; per-channel: row by row through each row's table).
+at::Tensor decode_weight(const at::Tensor& packed_in, int64_t N, int64_t K, const RowTables& T) {
+  if (!T.ws) return detail::decode_packed_to_float(packed_in, N, K, *T.tw, T.w_signed);
+  const at::Tensor packed = packed_in.contiguous();
+  const int b = packed_field_bits(T.tw->bits, T.w_signed);
+  const int64_t rb = packed.size(1);
+  const uint8_t* src = packed.const_data_ptr<uint8_t>();
+  at::Tensor out = at::empty({N, K}, packed.options().dtype(at::kFloat));
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    float lbuf[256];
+    for (int64_t n = n0; n < n1; ++n) {
+      detail::decode_row_float(src + n * rb, K, rb, b, T.row(n, lbuf), o + n * K);
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 at::Tensor exp_linear_lut(const at::Tensor& x, const at::Tensor& w_packed,
@@ -103,22 +152,25 @@ at::Tensor exp_linear_lut(const at::Tensor& x, const at::Tensor& w_packed,
                           double ba, double sw, double bw, int64_t bits,
                           bool /*a_signed: the float path handles any sign*/,
                           bool w_signed, c10::string_view rounding,
-                          const c10::optional<at::Tensor>& bias) {
+                          const c10::optional<at::Tensor>& bias,
+                          const c10::optional<at::Tensor>& w_scale,
+                          const c10::optional<at::Tensor>& w_offset) {
   const auto [N, K] = check_linear_lut_shapes(x, w_shape);
-  const LutArgs A = check_lut_args(x, w_packed, N, K, alpha, sa, ba, sw, bw,
-                                   bits, w_signed, rounding, bias, N);
+  const LutArgs A = check_lut_args(x, w_packed, N, K, alpha, sa, ba, sw, bw, bits, w_signed,
+                                   rounding, bias, N, w_scale, w_offset);
+  const RowTables T(A.tw, w_signed, A.wc, alpha);
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = N;
   const at::Tensor xq = detail::fake_quantize_to_float(x, A.ta, "x").reshape({-1, K});
   at::Tensor y;
   if (xq.size(0) <= kGemvMaxRows && K > 0) {
-    y = fused_gemv(xq, w_packed.contiguous(), N, K, A.tw, w_signed, A.bias);
+    y = fused_gemv(xq, w_packed.contiguous(), N, K, T, A.bias);
   } else if (xq.numel() <= kPanelMaxActivations) {
-    y = panel_gemm(xq, w_packed.contiguous(), N, K, A.tw, w_signed, A.bias);
+    y = panel_gemm(xq, w_packed.contiguous(), N, K, T, A.bias);
   } else {
     // Large activations would be re-read from memory by every panel: decode
     // the whole weight once and make one call to the native GEMM.
-    const at::Tensor wq = detail::decode_packed_to_float(w_packed, N, K, A.tw, w_signed);
+    const at::Tensor wq = decode_weight(w_packed, N, K, T);
     y = A.bias.defined() ? at::linear(xq, wq, A.bias) : at::linear(xq, wq);
   }
   y = y.reshape(out_shape);
@@ -132,15 +184,17 @@ at::Tensor exp_conv2d_lut(const at::Tensor& x, const at::Tensor& w_packed,
                           c10::string_view rounding,
                           const c10::optional<at::Tensor>& bias,
                           at::IntArrayRef stride, at::IntArrayRef padding,
-                          at::IntArrayRef dilation, int64_t groups) {
+                          at::IntArrayRef dilation, int64_t groups,
+                          const c10::optional<at::Tensor>& w_scale,
+                          const c10::optional<at::Tensor>& w_offset) {
   check_w_shape(w_shape, 4, "[O, C/groups, kh, kw] for a conv weight");
   check_conv_geometry(x.sizes(), w_shape, stride, padding, dilation, groups, "x", "w_shape");
   const int64_t O = w_shape[0], K = w_shape[1] * w_shape[2] * w_shape[3];
-  const LutArgs A = check_lut_args(x, w_packed, O, K, alpha, sa, ba, sw, bw,
-                                   bits, w_signed, rounding, bias, O);
+  const LutArgs A = check_lut_args(x, w_packed, O, K, alpha, sa, ba, sw, bw, bits, w_signed,
+                                   rounding, bias, O, w_scale, w_offset);
+  const RowTables T(A.tw, w_signed, A.wc, alpha);
   const at::Tensor xq = detail::fake_quantize_to_float(x, A.ta, "x");
-  const at::Tensor wq = detail::decode_packed_to_float(w_packed, O, K, A.tw, w_signed)
-                            .reshape(w_shape);
+  const at::Tensor wq = decode_weight(w_packed, O, K, T).reshape(w_shape);
   at::Tensor y = at::conv2d(xq, wq, A.bias.defined() ? c10::optional<at::Tensor>(A.bias)
                                                      : c10::nullopt,
                             stride, padding, dilation, groups);

@@ -21,6 +21,25 @@ def _check_bits(bits):
     torch._check(2 <= bits <= 7, lambda: f"dnateq: bits must be in [2, 7], got {bits}")
 
 
+def _check_channel_params(w_scale, w_offset, n_out, ref, ref_name):
+    """Per-channel weight parameters (SPEC section 9): both or neither,
+    float32 [n_out] on ref's device (values are checked by the real kernels)."""
+    if w_scale is None and w_offset is None:
+        return
+    torch._check(w_scale is not None and w_offset is not None,
+                 lambda: "dnateq: w_scale and w_offset must be given together (per-channel "
+                         "weight parameters)")
+    for t, name in ((w_scale, "w_scale"), (w_offset, "w_offset")):
+        torch._check(t.device == ref.device,
+                     lambda: f"dnateq: {name} and {ref_name} must be on the same device, got "
+                             f"{t.device} and {ref.device}")
+        torch._check(t.dtype == torch.float32,
+                     lambda: f"dnateq: {name} must be float32, got {t.dtype}")
+        torch._check(t.dim() == 1 and t.shape[0] == n_out,
+                     lambda: f"dnateq: {name} must have shape [{n_out}] (one per output "
+                             f"channel), got {list(t.shape)}")
+
+
 def _rows_k(shape):
     if len(shape) == 0:
         return 1, 1
@@ -57,8 +76,9 @@ def _unpack(packed, bits, signed, shape):
 
 @_register("exp_linear_count")
 def _linear_count(a_codes, w_codes, alpha, sa, ba, sw, bw, bits, bias, counter_bits,
-                  w_terms=None):
+                  w_terms=None, w_scale=None, w_offset=None):
     _check_bits(bits)
+    _check_channel_params(w_scale, w_offset, w_codes.shape[0], w_codes, "w_codes")
     torch._check(a_codes.shape[-1] == w_codes.shape[1],
                  lambda: "dnateq: a_codes last dimension must equal w_codes.shape[1]")
     return a_codes.new_empty((*a_codes.shape[:-1], w_codes.shape[0]), dtype=torch.float32)
@@ -72,8 +92,9 @@ def _conv_out(h, w, kh, kw, stride, padding, dilation):
 
 @_register("exp_conv2d_count")
 def _conv2d_count(a_codes, w_codes, alpha, sa, ba, sw, bw, bits, bias, stride, padding,
-                  dilation, groups, counter_bits, w_terms=None):
+                  dilation, groups, counter_bits, w_terms=None, w_scale=None, w_offset=None):
     _check_bits(bits)
+    _check_channel_params(w_scale, w_offset, w_codes.shape[0], w_codes, "w_codes")
     n, _, h, w = a_codes.shape
     o, _, kh, kw = w_codes.shape
     ho, wo = _conv_out(h, w, kh, kw, stride, padding, dilation)
@@ -82,15 +103,17 @@ def _conv2d_count(a_codes, w_codes, alpha, sa, ba, sw, bw, bits, bias, stride, p
 
 @_register("exp_linear_lut")
 def _linear_lut(x, w_packed, w_shape, alpha, sa, ba, sw, bw, bits, a_signed, w_signed,
-                rounding, bias):
+                rounding, bias, w_scale=None, w_offset=None):
     _check_bits(bits)
+    _check_channel_params(w_scale, w_offset, w_shape[0], x, "x")
     return x.new_empty((*x.shape[:-1], w_shape[0]))
 
 
 @_register("exp_conv2d_lut")
 def _conv2d_lut(x, w_packed, w_shape, alpha, sa, ba, sw, bw, bits, a_signed, w_signed,
-                rounding, bias, stride, padding, dilation, groups):
+                rounding, bias, stride, padding, dilation, groups, w_scale=None, w_offset=None):
     _check_bits(bits)
+    _check_channel_params(w_scale, w_offset, w_shape[0], x, "x")
     n, _, h, w = x.shape
     o, _, kh, kw = w_shape
     ho, wo = _conv_out(h, w, kh, kw, stride, padding, dilation)

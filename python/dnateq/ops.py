@@ -46,16 +46,20 @@ def exp_linear_count(a_codes: torch.Tensor, w_codes: torch.Tensor, alpha: float,
                      sa: float, ba: float, sw: float, bw: float, bits: int,
                      bias: Optional[torch.Tensor] = None,
                      counter_bits: Optional[int] = None,
-                     w_terms: Optional[torch.Tensor] = None) -> torch.Tensor:
+                     w_terms: Optional[torch.Tensor] = None, *,
+                     w_scale: Optional[torch.Tensor] = None,
+                     w_offset: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Count-based exponential dot product (Eq. 8): ``a [*, K] x w [N, K] -> float32 [*, N]``.
 
     ``counter_bits`` emulates saturating counters of that width (each final
     count is clamped). ``w_terms`` (see :func:`weight_terms`) lets unsigned
     activations reuse the precomputed weight terms C2/C4; the result is the
-    same as the direct count.
+    same as the direct count. ``w_scale``/``w_offset`` (float32 ``[N]``, given
+    together) are per-output-channel weight parameters that replace ``sw``/``bw``
+    (SPEC section 9; docs/FORMAT.md).
     """
     return _ops.exp_linear_count(a_codes, w_codes, alpha, sa, ba, sw, bw, bits, bias,
-                                 counter_bits, w_terms)
+                                 counter_bits, w_terms, w_scale, w_offset)
 
 
 def exp_conv2d_count(a_codes: torch.Tensor, w_codes: torch.Tensor, alpha: float,
@@ -63,32 +67,40 @@ def exp_conv2d_count(a_codes: torch.Tensor, w_codes: torch.Tensor, alpha: float,
                      bias: Optional[torch.Tensor] = None, stride=(1, 1), padding=(0, 0),
                      dilation=(1, 1), groups: int = 1,
                      counter_bits: Optional[int] = None,
-                     w_terms: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Count-based exponential conv2d on codes; padded positions are zero codes."""
+                     w_terms: Optional[torch.Tensor] = None, *,
+                     w_scale: Optional[torch.Tensor] = None,
+                     w_offset: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Count-based exponential conv2d on codes; padded positions are zero codes.
+    ``w_scale``/``w_offset``: per-output-channel weight parameters (float32 ``[O]``)."""
     return _ops.exp_conv2d_count(a_codes, w_codes, alpha, sa, ba, sw, bw, bits, bias,
                                  _pair(stride), _pair(padding), _pair(dilation), groups,
-                                 counter_bits, w_terms)
+                                 counter_bits, w_terms, w_scale, w_offset)
 
 
 def exp_linear_lut(x: torch.Tensor, w_packed: torch.Tensor, w_shape: Sequence[int],
                    alpha: float, sa: float, ba: float, sw: float, bw: float, bits: int,
                    a_signed: bool, w_signed: bool, rounding: str = "nearest",
-                   bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+                   bias: Optional[torch.Tensor] = None, *,
+                   w_scale: Optional[torch.Tensor] = None,
+                   w_offset: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Fast path: quantize ``x`` with (alpha, sa, ba), dequantize it and the packed
-    weights through their level tables, and run a native matmul. Output dtype = x.dtype."""
+    weights through their level tables, and run a native matmul. Output dtype = x.dtype.
+    ``w_scale``/``w_offset``: per-output-channel weight parameters (float32 ``[N]``)."""
     return _ops.exp_linear_lut(x, w_packed, list(w_shape), alpha, sa, ba, sw, bw, bits,
-                               a_signed, w_signed, rounding, bias)
+                               a_signed, w_signed, rounding, bias, w_scale, w_offset)
 
 
 def exp_conv2d_lut(x: torch.Tensor, w_packed: torch.Tensor, w_shape: Sequence[int],
                    alpha: float, sa: float, ba: float, sw: float, bw: float, bits: int,
                    a_signed: bool, w_signed: bool, rounding: str = "nearest",
                    bias: Optional[torch.Tensor] = None, stride=(1, 1), padding=(0, 0),
-                   dilation=(1, 1), groups: int = 1) -> torch.Tensor:
+                   dilation=(1, 1), groups: int = 1, *,
+                   w_scale: Optional[torch.Tensor] = None,
+                   w_offset: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Fast path for conv2d on packed weights (see :func:`exp_linear_lut`)."""
     return _ops.exp_conv2d_lut(x, w_packed, list(w_shape), alpha, sa, ba, sw, bw, bits,
                                a_signed, w_signed, rounding, bias, _pair(stride),
-                               _pair(padding), _pair(dilation), groups)
+                               _pair(padding), _pair(dilation), groups, w_scale, w_offset)
 
 
 def exp_fit(x: torch.Tensor, bits: int, search: str = "golden", rounding: str = "nearest",

@@ -15,6 +15,12 @@ Normative details reproduced here (SPEC section 1):
 * dequantized level = float64 ``S * alpha^e + beta`` rounded to float32, then
   cast to the requested dtype; the zero code gives 0 whatever its sign bit.
 
+Per-output-channel weight parameters (SPEC section 9): ``w_scale`` and
+``w_offset`` (float32 ``[N]``, given together) replace ``sw``/``bw`` for output
+``j``; level ``S_j * alpha^e + beta_j`` is computed in float64 from the float32
+values and rounded once to float32, and the count post-processing uses
+``sa*S_j``, ``ba*S_j``, ``sa*beta_j``, ``ba*beta_j``.
+
 Argument errors raise ``ValueError``/``TypeError`` whose message names the
 argument, like the C++ ``TORCH_CHECK`` messages.
 """
@@ -32,7 +38,7 @@ __all__ = [
     "pack_rows", "fit_scale_offset",
     "exp_quantize", "exp_dequantize", "exp_pack", "exp_unpack",
     "exp_linear_count", "exp_conv2d_count", "exp_linear_lut", "exp_conv2d_lut",
-    "exp_fit", "exp_error", "exp_errors", "count_terms",
+    "exp_fit", "exp_error", "exp_errors", "count_terms", "dequantize_channels",
 ]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -110,6 +116,63 @@ def _check_params(alpha, scale, offset, bits, scale_name="scale", offset_name="o
             f"dnateq: alpha={alpha}, {scale_name}={scale}, {offset_name}={offset} give a "
             f"non-finite level at bits={bits} (alpha^E overflows float32)")
     return alpha, scale, offset, bits
+
+
+def _check_channel_params(w_scale, w_offset, n_out: int, alpha: float, bits: int,
+                          device) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """Validates per-channel weight parameters; returns float64 CPU copies of
+    (w_scale, w_offset) or None when both are None."""
+    if w_scale is None and w_offset is None:
+        return None
+    if w_scale is None or w_offset is None:
+        raise ValueError("dnateq: w_scale and w_offset must be given together (per-channel "
+                         f"weight parameters), got only {'w_scale' if w_offset is None else 'w_offset'}")
+    out = []
+    for t, name in ((w_scale, "w_scale"), (w_offset, "w_offset")):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"dnateq: {name} must be a tensor, got {type(t).__name__}")
+        if device is not None and t.device != device:
+            raise ValueError(f"dnateq: {name} must be on the op's device {device}, got {t.device}")
+        if t.dtype != torch.float32:
+            raise TypeError(f"dnateq: {name} must be float32, got {t.dtype}")
+        if list(t.shape) != [n_out]:
+            raise ValueError(f"dnateq: {name} must have shape [{n_out}] (one per output "
+                             f"channel), got {list(t.shape)}")
+        out.append(t.detach().cpu().to(torch.float64))
+    s, o = out
+    if not bool(torch.isfinite(s).all()) or not bool((s > 0).all()):
+        raise ValueError("dnateq: w_scale must be finite and > 0")
+    if not bool(torch.isfinite(o).all()):
+        raise ValueError("dnateq: w_offset must be finite")
+    E = exp_range(bits)
+    for e in (-E, E):
+        lv = (s * math.pow(alpha, e) + o).to(torch.float32)
+        if not bool(torch.isfinite(lv).all()):
+            raise ValueError(f"dnateq: alpha={alpha}, w_scale, w_offset give a non-finite "
+                             f"level at bits={bits} (S * alpha^E + beta overflows float32)")
+    return s, o
+
+
+def dequantize_channels(codes: torch.Tensor, alpha: float, w_scale: torch.Tensor,
+                        w_offset: torch.Tensor, bits: int) -> torch.Tensor:
+    """float32 values of weight codes ``[N, ...]`` with per-output-channel
+    parameters: ``sign * float32(S_j * alpha^e + beta_j)`` for row ``j``, zero
+    code -> 0 (the levels every op computes with). On ``codes``' device."""
+    bits = _check_bits(bits)
+    alpha = _check_alpha(alpha)
+    n_out = codes.shape[0] if codes.dim() else 1
+    s, o = _check_channel_params(w_scale, w_offset, n_out, alpha, bits, None)
+    return _channel_levels(codes.detach().cpu(), alpha, s, o, bits).to(codes.device)
+
+
+def _channel_levels(codes, alpha, s64, o64, bits):
+    sign, biased, nz = decode_codes(codes, bits, "w_codes")
+    pw = torch.tensor([0.0] + [math.pow(alpha, b - exp_bias(bits))
+                               for b in range(1, 1 << bits)], dtype=torch.float64)
+    shape = [-1] + [1] * (codes.dim() - 1)
+    lv = (s64.reshape(shape) * pw[biased] + o64.reshape(shape)).to(torch.float32)
+    val = torch.where(sign < 0, -lv, lv)
+    return torch.where(nz, val, torch.zeros_like(val))
 
 
 def _check_counter_bits(cb) -> Optional[int]:
@@ -411,11 +474,18 @@ def _count_2d(a2, w2, alpha, sa, ba, sw, bw, bits, counter_bits) -> torch.Tensor
     return _post_process(*C, alpha, sa, ba, sw, bw, bits)
 
 
-def _check_count_args(a_codes, w_codes, alpha, sa, ba, sw, bw, bits, counter_bits):
+def _check_count_args(a_codes, w_codes, alpha, sa, ba, sw, bw, bits, counter_bits,
+                      w_scale=None, w_offset=None):
+    """With per-channel parameters, sw/bw are returned as float64 [N] tensors."""
     _check_codes(a_codes, "a_codes")
     _check_codes(w_codes, "w_codes")
     alpha, sa, ba, bits = _check_params(alpha, sa, ba, bits, "sa", "ba")
-    _, sw, bw, _ = _check_params(alpha, sw, bw, bits, "sw", "bw")
+    n_out = w_codes.shape[0] if w_codes.dim() else 0
+    wc = _check_channel_params(w_scale, w_offset, n_out, alpha, bits, w_codes.device)
+    if wc is None:
+        _, sw, bw, _ = _check_params(alpha, sw, bw, bits, "sw", "bw")
+    else:
+        sw, bw = wc
     counter_bits = _check_counter_bits(counter_bits)
     return alpha, sa, ba, sw, bw, bits, counter_bits
 
@@ -428,7 +498,10 @@ def _check_bias(bias, n_out):
                         f"{getattr(bias, 'dtype', type(bias).__name__)}")
     if list(bias.shape) != [n_out]:
         raise ValueError(f"dnateq: bias must have shape [{n_out}], got {list(bias.shape)}")
-    return bias.detach().cpu().to(torch.float64)
+    b = bias.detach().cpu().to(torch.float64)
+    if not bool(torch.isfinite(b).all()):
+        raise ValueError("dnateq: bias contains non-finite values (NaN or Inf)")
+    return b
 
 
 def _check_w_terms(w_terms, rows, bits):
@@ -446,14 +519,16 @@ def exp_linear_count(a_codes: torch.Tensor, w_codes: torch.Tensor, alpha: float,
                      sa: float, ba: float, sw: float, bw: float, bits: int,
                      bias: Optional[torch.Tensor] = None,
                      counter_bits: Optional[int] = None,
-                     w_terms: Optional[torch.Tensor] = None) -> torch.Tensor:
+                     w_terms: Optional[torch.Tensor] = None,
+                     w_scale: Optional[torch.Tensor] = None,
+                     w_offset: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Reference of ``dnateq.exp_linear_count``: ``a [*, K] x w [N, K] -> float32 [*, N]``.
 
     Always counts directly; ``w_terms`` is only validated (the result of the
     real op must equal the direct count).
     """
     alpha, sa, ba, sw, bw, bits, counter_bits = _check_count_args(
-        a_codes, w_codes, alpha, sa, ba, sw, bw, bits, counter_bits)
+        a_codes, w_codes, alpha, sa, ba, sw, bw, bits, counter_bits, w_scale, w_offset)
     if w_codes.dim() != 2:
         raise ValueError(f"dnateq: w_codes must be 2-D [N, K], got {list(w_codes.shape)}")
     if a_codes.dim() < 1 or a_codes.shape[-1] != w_codes.shape[1]:
@@ -503,14 +578,16 @@ def exp_conv2d_count(a_codes: torch.Tensor, w_codes: torch.Tensor, alpha: float,
                      bias: Optional[torch.Tensor] = None, stride=(1, 1), padding=(0, 0),
                      dilation=(1, 1), groups: int = 1,
                      counter_bits: Optional[int] = None,
-                     w_terms: Optional[torch.Tensor] = None) -> torch.Tensor:
+                     w_terms: Optional[torch.Tensor] = None,
+                     w_scale: Optional[torch.Tensor] = None,
+                     w_offset: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Reference of ``dnateq.exp_conv2d_count``; padded positions are zero codes.
 
     Unfolds the codes (as exact small floats) with ``F.unfold`` and runs the
     linear count per group.
     """
     alpha, sa, ba, sw, bw, bits, counter_bits = _check_count_args(
-        a_codes, w_codes, alpha, sa, ba, sw, bw, bits, counter_bits)
+        a_codes, w_codes, alpha, sa, ba, sw, bw, bits, counter_bits, w_scale, w_offset)
     stride, padding, dilation = (_pair(stride, "stride"), _pair(padding, "padding"),
                                  _pair(dilation, "dilation"))
     groups = int(groups)
@@ -541,8 +618,10 @@ def exp_conv2d_count(a_codes: torch.Tensor, w_codes: torch.Tensor, alpha: float,
     for g in range(groups):
         ag = cols[:, g * Kg:(g + 1) * Kg, :].transpose(1, 2).reshape(Nb * L, Kg)
         wg = w[g * Og:(g + 1) * Og].reshape(Og, Kg)
+        swg, bwg = ((sw[g * Og:(g + 1) * Og], bw[g * Og:(g + 1) * Og])
+                    if isinstance(sw, torch.Tensor) else (sw, bw))
         y[:, :, g * Og:(g + 1) * Og] = _count_2d(
-            ag, wg, alpha, sa, ba, sw, bw, bits, counter_bits).reshape(Nb, L, Og)
+            ag, wg, alpha, sa, ba, swg, bwg, bits, counter_bits).reshape(Nb, L, Og)
     if b64 is not None:
         y = y + b64
     y = y.transpose(1, 2).reshape(Nb, O, OH, OW)
@@ -558,7 +637,7 @@ def _fake_quant_act(x, alpha, sa, ba, bits, rounding):
     return exp_dequantize(codes, alpha, sa, ba, bits, torch.float32)
 
 
-def _lut_weights(w_packed, w_shape, alpha, sw, bw, bits, w_signed):
+def _lut_weights(w_packed, w_shape, alpha, sw, bw, bits, w_signed, wc=None):
     if not isinstance(w_packed, torch.Tensor) or w_packed.dtype != torch.uint8:
         raise TypeError(f"dnateq: w_packed must be a uint8 tensor, got "
                         f"{getattr(w_packed, 'dtype', type(w_packed).__name__)}")
@@ -566,20 +645,27 @@ def _lut_weights(w_packed, w_shape, alpha, sw, bw, bits, w_signed):
         w_codes = exp_unpack(w_packed, bits, w_signed, w_shape)
     except ValueError as e:
         raise ValueError(str(e).replace("packed", "w_packed", 1)) from None
+    if wc is not None:
+        return _channel_levels(w_codes.cpu(), alpha, wc[0], wc[1], bits)
     return exp_dequantize(w_codes, alpha, sw, bw, bits, torch.float32)
 
 
 def exp_linear_lut(x: torch.Tensor, w_packed: torch.Tensor, w_shape: Sequence[int],
                    alpha: float, sa: float, ba: float, sw: float, bw: float, bits: int,
                    a_signed: bool, w_signed: bool, rounding: str = "nearest",
-                   bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+                   bias: Optional[torch.Tensor] = None,
+                   w_scale: Optional[torch.Tensor] = None,
+                   w_offset: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Reference of ``dnateq.exp_linear_lut``: fake-quantize ``x``, dequantize the
     unpacked weights, ``F.linear`` in float32, cast to ``x.dtype``."""
     _check_float_input(x, "x")
     _check_rounding(rounding)
     alpha, sa, ba, bits = _check_params(alpha, sa, ba, bits, "sa", "ba")
-    _, sw, bw, _ = _check_params(alpha, sw, bw, bits, "sw", "bw")
     w_shape = [int(s) for s in w_shape]
+    wc = _check_channel_params(w_scale, w_offset, w_shape[0] if w_shape else 0, alpha,
+                               bits, x.device)
+    if wc is None:
+        _, sw, bw, _ = _check_params(alpha, sw, bw, bits, "sw", "bw")
     if len(w_shape) != 2:
         raise ValueError(f"dnateq: w_shape must be [N, K], got {w_shape}")
     N, K = w_shape
@@ -587,7 +673,7 @@ def exp_linear_lut(x: torch.Tensor, w_packed: torch.Tensor, w_shape: Sequence[in
         raise ValueError(f"dnateq: x must be [*, K] with K = w_shape[1] = {K}, got "
                          f"{list(x.shape)}")
     b32 = _check_bias(bias, N)
-    w_hat = _lut_weights(w_packed, w_shape, alpha, sw, bw, bits, w_signed)
+    w_hat = _lut_weights(w_packed, w_shape, alpha, sw, bw, bits, w_signed, wc)
     a_hat = _fake_quant_act(x, alpha, sa, ba, bits, rounding).cpu()
     y = F.linear(a_hat, w_hat.cpu(), None if b32 is None else b32.to(torch.float32))
     return y.to(x.dtype).to(x.device)
@@ -597,13 +683,18 @@ def exp_conv2d_lut(x: torch.Tensor, w_packed: torch.Tensor, w_shape: Sequence[in
                    alpha: float, sa: float, ba: float, sw: float, bw: float, bits: int,
                    a_signed: bool, w_signed: bool, rounding: str = "nearest",
                    bias: Optional[torch.Tensor] = None, stride=(1, 1), padding=(0, 0),
-                   dilation=(1, 1), groups: int = 1) -> torch.Tensor:
+                   dilation=(1, 1), groups: int = 1,
+                   w_scale: Optional[torch.Tensor] = None,
+                   w_offset: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Reference of ``dnateq.exp_conv2d_lut`` (fake quantization + ``F.conv2d``)."""
     _check_float_input(x, "x")
     _check_rounding(rounding)
     alpha, sa, ba, bits = _check_params(alpha, sa, ba, bits, "sa", "ba")
-    _, sw, bw, _ = _check_params(alpha, sw, bw, bits, "sw", "bw")
     w_shape = [int(s) for s in w_shape]
+    wc = _check_channel_params(w_scale, w_offset, w_shape[0] if w_shape else 0, alpha,
+                               bits, x.device)
+    if wc is None:
+        _, sw, bw, _ = _check_params(alpha, sw, bw, bits, "sw", "bw")
     if len(w_shape) != 4:
         raise ValueError(f"dnateq: w_shape must be [O, C/groups, kh, kw], got {w_shape}")
     if x.dim() != 4:
@@ -612,7 +703,7 @@ def exp_conv2d_lut(x: torch.Tensor, w_packed: torch.Tensor, w_shape: Sequence[in
                                  _pair(dilation, "dilation"))
     _check_conv_geometry(x.shape, w_shape, stride, padding, dilation, int(groups), "x")
     b32 = _check_bias(bias, w_shape[0])
-    w_hat = _lut_weights(w_packed, w_shape, alpha, sw, bw, bits, w_signed)
+    w_hat = _lut_weights(w_packed, w_shape, alpha, sw, bw, bits, w_signed, wc)
     a_hat = _fake_quant_act(x, alpha, sa, ba, bits, rounding).cpu()
     y = F.conv2d(a_hat, w_hat.cpu(), None if b32 is None else b32.to(torch.float32),
                  stride, padding, dilation, int(groups))

@@ -744,6 +744,62 @@ TEST(LutOps, AgreeWithCountOps) {
   }
 }
 
+// Per-output-channel weight parameters (SPEC section 9): all rows equal to
+// the scalars give the per-tensor result bit for bit; distinct rows agree
+// between the count and LUT ops and with a per-row brute-force dot.
+TEST(PerChannel, CountAndLutAgreeAndUniformRowsEqualPerTensor) {
+  const int bits = 4;
+  const Params p = params_for(bits);
+  const int64_t K = 70, N = 6;
+  std::mt19937 rng(7);
+  const auto w = random_codes(rng, N * K, bits, true, 0.1);
+  const at::Tensor wc = codes_tensor(w, {N, K});
+  const at::Tensor wp = cpu::exp_pack(wc, bits, true);
+  const float sw = static_cast<float>(p.sw), bw = static_cast<float>(p.bw);
+  const at::Tensor same_s = at::full({N}, sw), same_o = at::full({N}, bw);
+  at::Tensor ws = at::empty({N}), wo = at::empty({N});
+  for (int64_t n = 0; n < N; ++n) {
+    ws[n] = sw * static_cast<float>(1 + n);
+    wo[n] = bw * static_cast<float>(n % 3) - 0.01f;
+  }
+  for (int64_t M : {1, 3, 40}) {  // GEMV and GEMM paths
+    const at::Tensor x = at::randn({M, K}) * 0.3;
+    const at::Tensor ac = cpu::exp_quantize(x, p.alpha, p.sa, p.ba, bits, "nearest", true);
+    const at::Tensor yc = cpu::exp_linear_count(ac, wc, p.alpha, p.sa, p.ba, sw, bw, bits,
+                                                kNoTensor, kExact, kNoTensor);
+    EXPECT_TRUE(at::equal(yc, cpu::exp_linear_count(ac, wc, p.alpha, p.sa, p.ba, 1.0, 0.0,
+                                                    bits, kNoTensor, kExact, kNoTensor,
+                                                    same_s, same_o)));
+    const at::Tensor yl = cpu::exp_linear_lut(x, wp, {N, K}, p.alpha, p.sa, p.ba, sw, bw,
+                                              bits, true, true, "nearest", kNoTensor);
+    EXPECT_TRUE(at::equal(yl, cpu::exp_linear_lut(x, wp, {N, K}, p.alpha, p.sa, p.ba, 1.0,
+                                                  0.0, bits, true, true, "nearest",
+                                                  kNoTensor, same_s, same_o)));
+    const at::Tensor pc = cpu::exp_linear_count(ac, wc, p.alpha, p.sa, p.ba, 1.0, 0.0, bits,
+                                                kNoTensor, kExact, kNoTensor, ws, wo);
+    const at::Tensor pl = cpu::exp_linear_lut(x, wp, {N, K}, p.alpha, p.sa, p.ba, 1.0, 0.0,
+                                              bits, true, true, "nearest", kNoTensor, ws, wo);
+    const ExpTables ta = tables(p.alpha, p.sa, p.ba, bits);
+    const auto a = to_codes(ac);
+    const auto vc = to_floats(pc), vl = to_floats(pl);
+    for (int64_t n = 0; n < N; ++n) {
+      const ExpTables tn = tables(p.alpha, ws[n].item<float>(), wo[n].item<float>(), bits);
+      for (int64_t m = 0; m < M; ++m) {
+        auto [ref, mag] = brute_dot(a.data() + m * K, w.data() + n * K, K, ta, tn);
+        ASSERT_NEAR(vc[m * N + n], ref, 1e-6 * (mag + 1.0)) << "count M=" << M;
+        ASSERT_NEAR(vl[m * N + n], ref, 1e-4 * (mag + 1e-2)) << "lut M=" << M;
+      }
+    }
+  }
+  // The shared checks name the argument.
+  EXPECT_THROW(cpu::exp_linear_count(wc, wc, p.alpha, p.sa, p.ba, 1.0, 0.0, bits, kNoTensor,
+                                     kExact, kNoTensor, ws, c10::nullopt),
+               c10::Error);
+  EXPECT_THROW(cpu::exp_linear_lut(at::randn({1, K}), wp, {N, K}, p.alpha, p.sa, p.ba, 1.0,
+                                   0.0, bits, true, true, "nearest", kNoTensor, -ws, wo),
+               c10::Error);
+}
+
 TEST(LutOps, OutputDtypeFollowsInput) {
   const int bits = 4;
   const Params p = params_for(bits);

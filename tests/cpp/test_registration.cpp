@@ -35,17 +35,18 @@ TEST(Registration, SchemasInBindingOrder) {
   EXPECT_EQ(arg_names(op("exp_unpack")), (V{"packed", "bits", "signed", "shape"}));
   EXPECT_EQ(arg_names(op("exp_linear_count")),
             (V{"a_codes", "w_codes", "alpha", "sa", "ba", "sw", "bw", "bits", "bias",
-               "counter_bits", "w_terms"}));
+               "counter_bits", "w_terms", "w_scale", "w_offset"}));
   EXPECT_EQ(arg_names(op("exp_conv2d_count")),
             (V{"a_codes", "w_codes", "alpha", "sa", "ba", "sw", "bw", "bits", "bias",
-               "stride", "padding", "dilation", "groups", "counter_bits", "w_terms"}));
+               "stride", "padding", "dilation", "groups", "counter_bits", "w_terms", "w_scale",
+               "w_offset"}));
   EXPECT_EQ(arg_names(op("exp_linear_lut")),
             (V{"x", "w_packed", "w_shape", "alpha", "sa", "ba", "sw", "bw", "bits",
-               "a_signed", "w_signed", "rounding", "bias"}));
+               "a_signed", "w_signed", "rounding", "bias", "w_scale", "w_offset"}));
   EXPECT_EQ(arg_names(op("exp_conv2d_lut")),
             (V{"x", "w_packed", "w_shape", "alpha", "sa", "ba", "sw", "bw", "bits",
                "a_signed", "w_signed", "rounding", "bias", "stride", "padding",
-               "dilation", "groups"}));
+               "dilation", "groups", "w_scale", "w_offset"}));
   EXPECT_EQ(arg_names(op("exp_fit")), (V{"x", "bits", "search", "rounding", "alpha"}));
   EXPECT_EQ(arg_names(op("exp_error")),
             (V{"x", "alpha", "scale", "offset", "bits", "rounding"}));
