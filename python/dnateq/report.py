@@ -30,7 +30,7 @@ __all__ = ["report", "Report"]
 
 _COLUMNS = ["name", "kind", "shape", "n", "alpha", "S_w", "beta_w", "S_a", "beta_a",
             "rmae_w", "rmae_a", "start", "rss_w", "rss_a", "w_signed", "a_signed",
-            "weights", "packed_bytes"]
+            "weights", "packed_bytes", "w_params", "S_w_min", "S_w_max", "smooth"]
 
 
 class Report:
@@ -58,6 +58,8 @@ class Report:
 
     def to_markdown(self) -> str:
         def f(v):
+            if isinstance(v, str) and v.startswith("per-channel"):
+                return v
             if isinstance(v, float):
                 return f"{v:.4g}"
             if isinstance(v, (list, tuple)):
@@ -67,6 +69,12 @@ class Report:
                 "rmae_w", "rmae_a", "start", "rss_w", "rss_a", "a_signed"]
         lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         for r in self.layers:
+            r = dict(r)
+            if r.get("w_params") == "per-channel":   # S_w/beta_w are means: say so
+                r["S_w"] = f"per-channel {r['S_w_min']:.4g}..{r['S_w_max']:.4g}"
+                r["beta_w"] = "per-channel"
+            if r.get("smooth"):
+                r["name"] = f"{r['name']} (smoothed)"
             lines.append("| " + " | ".join(f(r.get(c)) for c in cols) + " |")
         t = self.totals
         lines += [
@@ -98,12 +106,18 @@ def report(qmodel: nn.Module) -> Report:
         if not isinstance(m, (ExpLinear, ExpConv2d)):
             continue
         inf = m.info or {}
+        pc = m.w_scale is not None
         rows.append(dict(
             name=name, kind=m._kind, shape=list(m.w_shape), n=m.bits, alpha=m.alpha,
             S_w=m.sw, beta_w=m.bw, S_a=m.sa, beta_a=m.ba,
             rmae_w=inf.get("rmae_w"), rmae_a=inf.get("rmae_a"), start=inf.get("start"),
             rss_w=inf.get("rss_w"), rss_a=inf.get("rss_a"), w_signed=m.w_signed,
             a_signed=m.a_signed, weights=m.weight_count, packed_bytes=int(m.w_packed.numel()),
+            # per-channel weights: S_w/beta_w above are the means of w_scale/w_offset
+            w_params="per-channel" if pc else "per-tensor",
+            S_w_min=float(m.w_scale.min()) if pc else m.sw,
+            S_w_max=float(m.w_scale.max()) if pc else m.sw,
+            smooth=m.smooth is not None,
         ))
     if not rows:
         raise ValueError("dnateq.report: the model has no dnateq quantized layer "

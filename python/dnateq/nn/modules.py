@@ -17,6 +17,22 @@ for the weights, ``(sa, ba)`` for the activations, and ``bits`` (``n``).
   emulates saturating counters. Unsigned layers pass ``w_terms``.
 - ``"fake"``: the pure-PyTorch oracle (:mod:`dnateq.reference`).
 
+Per-output-channel weight parameters (SPEC section 9, docs/FORMAT.md):
+``w_params=(alpha, S, beta)`` with ``S`` and ``beta`` tensors (or sequences) of
+one value per output channel quantizes row ``j`` with ``(alpha, S[j], beta[j])``
+and keeps them as float32 buffers ``w_scale``/``w_offset`` (``None`` for a
+per-tensor layer); ``sw``/``bw`` then hold their means, for display only (the
+operators ignore them).
+
+Smoothing (SPEC section 9): the optional float32 buffer ``smooth`` (one factor
+per input channel: ``[in_features]``, or ``[in_channels]`` for a conv; ``None``
+= none) divides the input before it is quantized, ``x / smooth``, in every
+mode. The pass that multiplies the weight's input columns by it and decides
+where to fold it lives in the calibration (it is not done here).
+
+The floating buffers (``bias``, ``w_scale``, ``w_offset``, ``smooth``) stay
+float32 whatever ``.double()``/``.half()`` does to the model.
+
 A layer is *unsigned* (``a_signed=False``) when its calibration trace had no
 negative input (post-ReLU); a negative input at run time is still computed
 exactly (the operators detect it and count directly).
@@ -43,6 +59,36 @@ def _check_mode(mode: str) -> str:
     if mode not in MODES:
         raise ValueError(f"dnateq: mode must be one of {MODES}, got {mode!r}")
     return mode
+
+
+def _channel_vector(v, n: int, name: str) -> torch.Tensor:
+    t = torch.as_tensor(v.detach() if isinstance(v, torch.Tensor) else v,
+                        dtype=torch.float32).cpu()
+    if t.dim() != 1 or t.shape[0] != n:
+        raise ValueError(f"dnateq: {name} must have {n} values (one per output channel), got "
+                         f"shape {list(t.shape)}")
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"dnateq: {name} must be finite")
+    return t.clone()
+
+
+def _w_params(p, n_out: int):
+    """(alpha, S, beta, w_scale, w_offset): per-tensor (scalars; tensors None) or
+    per-channel (S, beta given as [n_out] vectors; the scalars are their means)."""
+    try:
+        vals = tuple(p)
+    except TypeError:
+        raise TypeError(f"dnateq: w_params must be a tuple (alpha, scale, offset), got {p!r}") from None
+    if len(vals) == 3 and any(isinstance(v, (torch.Tensor, list, tuple)) and
+                              torch.as_tensor(v).dim() > 0 for v in vals[1:]):
+        alpha = _params3((vals[0], 1.0, 0.0), "w_params")[0]
+        S = _channel_vector(vals[1], n_out, "w_params scale")
+        B = _channel_vector(vals[2], n_out, "w_params offset")
+        if not bool((S > 0).all()):
+            raise ValueError("dnateq: w_params scale must be > 0 for every output channel")
+        return alpha, float(S.double().mean()), float(B.double().mean()), S, B
+    alpha, sw, bw = _params3(p, "w_params")
+    return alpha, sw, bw, None, None
 
 
 def _params3(p, name: str) -> Tuple[float, float, float]:
@@ -77,10 +123,11 @@ class _ExpBase(nn.Module):
         w = weight.detach().float()
         if not bool(torch.isfinite(w).all()):
             raise ValueError("dnateq: the layer's weight has non-finite values")
+        w_scale = w_offset = None
         if w_params is None:
             alpha, sw, bw, _ = ops.exp_fit(w, bits, search, rounding)
         else:
-            alpha, sw, bw = _params3(w_params, "w_params")
+            alpha, sw, bw, w_scale, w_offset = _w_params(w_params, w.shape[0])
         if a_params is None:
             raise ValueError("dnateq: a_params (activation parameters) are required; "
                              "use dnateq.quantize(model, loader) to calibrate them")
@@ -100,10 +147,19 @@ class _ExpBase(nn.Module):
         self.mode = _check_mode(mode)
         self.counter_bits: Optional[int] = None
         self.w_shape = list(w.shape)
-        codes = ops.exp_quantize(w, self.alpha, self.sw, self.bw, bits, rounding)
+        if w_scale is None:
+            codes = ops.exp_quantize(w, self.alpha, self.sw, self.bw, bits, rounding)
+        else:   # row j with its own (S_j, beta_j), the float32 values the ops read
+            wc = w.cpu()
+            codes = torch.stack([ops.exp_quantize(wc[j], self.alpha, float(w_scale[j]),
+                                                  float(w_offset[j]), bits, rounding)
+                                 for j in range(w.shape[0])]).to(w.device)
         self.register_buffer("w_packed", ops.exp_pack(codes, bits, self.w_signed))
         self.register_buffer("w_terms", ops.weight_terms(codes, bits))
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+        self.register_buffer("w_scale", None if w_scale is None else w_scale.to(w.device))
+        self.register_buffer("w_offset", None if w_offset is None else w_offset.to(w.device))
+        self.register_buffer("smooth", None)
         # Calibration facts for dnateq.report (errors, RSS, starting tensor).
         self.info: Dict[str, Any] = dict(info or {})
 
@@ -116,14 +172,59 @@ class _ExpBase(nn.Module):
         """The unpacked int8 weight codes."""
         return ops.exp_unpack(self.w_packed, self.bits, self.w_signed, self.w_shape)
 
+    @property
+    def per_channel(self) -> bool:
+        """Whether the weights carry per-output-channel parameters (w_scale/w_offset)."""
+        return self.w_scale is not None
+
     def dequantized_weight(self) -> torch.Tensor:
-        """The float32 weights the layer computes with."""
+        """The float32 weights the layer computes with (with smoothing, these
+        multiply ``x / smooth``)."""
+        if self.per_channel:
+            return _ref.dequantize_channels(self.w_codes(), self.alpha, self.w_scale,
+                                            self.w_offset, self.bits)
         return ops.exp_dequantize(self.w_codes(), self.alpha, self.sw, self.bw, self.bits)
+
+    def set_smooth(self, smooth: Optional[torch.Tensor]) -> None:
+        """Set (or clear with None) the per-input-channel smoothing vector: the layer
+        computes with ``x / smooth``. The weights are not changed here."""
+        if smooth is None:
+            self.smooth = None
+            return
+        n = self._smooth_len()
+        t = _channel_vector(smooth, n, "smooth")
+        if not bool((t > 0).all()):
+            raise ValueError("dnateq: smooth must be > 0 for every input channel")
+        self.smooth = t.to(self.w_packed.device)
+
+    def _smooth_len(self) -> int:
+        return self.w_shape[1]
+
+    def _smoothed(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        if self.smooth is None:
+            return x
+        shape = [1] * x.dim()
+        shape[dim] = -1
+        return x.float() / self.smooth.reshape(shape)
+
+    def _channel_kwargs(self) -> Dict[str, Any]:
+        return {"w_scale": self.w_scale, "w_offset": self.w_offset}
+
+    def _apply(self, fn, *args, **kwargs):
+        # .double()/.half() etc. cast floating buffers; the operators read them as
+        # float32, so cast ours back (devices still follow fn).
+        super()._apply(fn, *args, **kwargs)
+        for name in ("bias", "w_scale", "w_offset", "smooth"):
+            t = self._buffers.get(name)
+            if t is not None and t.dtype != torch.float32:
+                self._buffers[name] = t.float()
+        return self
 
     def params(self) -> Dict[str, Any]:
         return dict(bits=self.bits, alpha=self.alpha, sw=self.sw, bw=self.bw, sa=self.sa,
                     ba=self.ba, a_signed=self.a_signed, w_signed=self.w_signed,
-                    rounding=self.rounding, w_shape=list(self.w_shape))
+                    rounding=self.rounding, w_shape=list(self.w_shape),
+                    per_channel=self.per_channel, smooth=self.smooth is not None)
 
     def get_extra_state(self):
         return {"params": self.params(), "mode": self.mode, "counter_bits": self.counter_bits,
@@ -152,9 +253,15 @@ class _ExpBase(nn.Module):
         return None if self.a_signed else self.w_terms
 
     def extra_repr(self) -> str:
+        extra = ""
+        if self.per_channel:
+            extra += (f", per_channel=True (S_w {float(self.w_scale.min()):.4g}.."
+                      f"{float(self.w_scale.max()):.4g})")
+        if self.smooth is not None:
+            extra += ", smooth=True"
         return (f"w_shape={self.w_shape}, bits={self.bits}, alpha={self.alpha:.6g}, "
                 f"a_signed={self.a_signed}, w_signed={self.w_signed}, "
-                f"rounding={self.rounding!r}, mode={self.mode!r}")
+                f"rounding={self.rounding!r}, mode={self.mode!r}" + extra)
 
 
 class ExpLinear(_ExpBase):
@@ -191,20 +298,22 @@ class ExpLinear(_ExpBase):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"dnateq: ExpLinear expects input [*, {self.in_features}], "
                              f"got {list(x.shape)}")
+        x = self._smoothed(x, -1)
         mode = self.mode
+        pc = self._channel_kwargs()
         if mode == "lut":
             y = ops.exp_linear_lut(x, self.w_packed, self.w_shape, self.alpha, self.sa, self.ba,
                                    self.sw, self.bw, self.bits, self.a_signed, self.w_signed,
-                                   self.rounding, self.bias)
+                                   self.rounding, self.bias, **pc)
         elif mode == "count":
             a = ops.exp_quantize(x, self.alpha, self.sa, self.ba, self.bits, self.rounding)
             y = ops.exp_linear_count(a, self.w_codes(), self.alpha, self.sa, self.ba, self.sw,
                                      self.bw, self.bits, self.bias, self.counter_bits,
-                                     self._count_terms())
+                                     self._count_terms(), **pc)
         else:
             y = _ref.exp_linear_lut(x, self.w_packed, self.w_shape, self.alpha, self.sa,
                                     self.ba, self.sw, self.bw, self.bits, self.a_signed,
-                                    self.w_signed, self.rounding, self.bias)
+                                    self.w_signed, self.rounding, self.bias, **pc)
         return y.to(dt)
 
 
@@ -280,25 +389,30 @@ class ExpConv2d(_ExpBase):
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"dnateq: ExpConv2d expects input [N, {self.in_channels}, H, W], "
                              f"got {list(x.shape)}")
+        x = self._smoothed(x, 1)
         x, pad = self._geometry(x)
         mode = self.mode
+        pc = self._channel_kwargs()
         if mode == "lut":
             y = ops.exp_conv2d_lut(x, self.w_packed, self.w_shape, self.alpha, self.sa, self.ba,
                                    self.sw, self.bw, self.bits, self.a_signed, self.w_signed,
                                    self.rounding, self.bias, self.stride, pad, self.dilation,
-                                   self.groups)
+                                   self.groups, **pc)
         elif mode == "count":
             a = ops.exp_quantize(x, self.alpha, self.sa, self.ba, self.bits, self.rounding)
             y = ops.exp_conv2d_count(a, self.w_codes(), self.alpha, self.sa, self.ba, self.sw,
                                      self.bw, self.bits, self.bias, self.stride, pad,
                                      self.dilation, self.groups, self.counter_bits,
-                                     self._count_terms())
+                                     self._count_terms(), **pc)
         else:
             y = _ref.exp_conv2d_lut(x, self.w_packed, self.w_shape, self.alpha, self.sa,
                                     self.ba, self.sw, self.bw, self.bits, self.a_signed,
                                     self.w_signed, self.rounding, self.bias, self.stride, pad,
-                                    self.dilation, self.groups)
+                                    self.dilation, self.groups, **pc)
         return y.to(dt)
+
+    def _smooth_len(self) -> int:
+        return self.in_channels
 
     def extra_repr(self) -> str:
         return (super().extra_repr() + f", stride={self.stride}, padding={self.padding}, "
