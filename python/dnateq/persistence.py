@@ -9,6 +9,10 @@ SHA-256 per tensor (over its dtype, shape and bytes) and, since format version 2
 a SHA-256 per section (the layer table with every layer's parameters, the
 attention list, the calibration record, the baseline record and the tensor
 checksum table), so that no changed digit of any saved value goes unnoticed. ``w_terms`` (C2/C4) are recomputed from the codes on load.
+Format version 3 adds a layer's optional per-output-channel weight parameters
+``w_scale``/``w_offset`` and smoothing vector ``smooth`` (tensors of the state,
+checksummed like the others); older files (without them) load unchanged.
+docs/FORMAT.md records the versions.
 Uniform-baseline layers (:mod:`dnateq.baselines`) are saved too, their
 integers as int8/int16 (not bit-packed: the baseline is for comparisons).
 The architecture is not pickled: :func:`load` rebuilds it from the float model
@@ -43,9 +47,10 @@ from . import ops
 __all__ = ["save", "load", "DnateqFileError", "FORMAT_VERSION"]
 
 MAGIC = "dnateq-quantized-model"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 # Version 1: per-tensor SHA-256 over the bytes only. Version 2: per-tensor
-# SHA-256 over dtype, shape and bytes, and a SHA-256 per section.
+# SHA-256 over dtype, shape and bytes, and a SHA-256 per section. Version 3:
+# optional <layer>.w_scale / .w_offset / .smooth tensors (docs/FORMAT.md).
 _SECTIONS = ("layers", "mha", "info", "baseline", "sha256")
 
 _EXP = {"ExpLinear": ExpLinear, "ExpConv2d": ExpConv2d}
@@ -378,6 +383,7 @@ def _rebuild(float_layer: nn.Module, cls_name: str, entry: Dict[str, Any],
         q.set_extra_state(extra)
         q.w_packed = packed.clone()
         q.w_terms = ops.weight_terms(codes, bits)
+        _load_channel_buffers(q, state, name, want)
     else:
         w_int = state.get(f"{name}.w_int")
         if w_int is None:
@@ -399,6 +405,21 @@ def _rebuild(float_layer: nn.Module, cls_name: str, entry: Dict[str, Any],
     if bias is not None:
         q.bias = bias.clone().float()
     return q.to(float_layer.weight.device)
+
+
+def _load_channel_buffers(q: nn.Module, state: Dict[str, torch.Tensor], name: str,
+                          w_shape) -> None:
+    """w_scale/w_offset/smooth (format version 3; absent: None), validated."""
+    for buf, n in (("w_scale", w_shape[0]), ("w_offset", w_shape[0]),
+                   ("smooth", q._smooth_len())):
+        t = state.get(f"{name}.{buf}")
+        if t is not None and (t.dtype != torch.float32 or list(t.shape) != [n]
+                              or not bool(torch.isfinite(t).all())):
+            raise ValueError(f"{buf} must be finite float32 [{n}], got {t.dtype} "
+                             f"{list(t.shape)}")
+        setattr(q, buf, None if t is None else t.clone())
+    if (q.w_scale is None) != (q.w_offset is None):
+        raise ValueError("w_scale and w_offset must be saved together")
 
 
 def _geometry(m: nn.Module) -> Dict[str, Any]:
