@@ -66,7 +66,7 @@ def child_trace(args) -> dict:
     """Tracing alone (the phase that sees every calibration batch): its peak."""
     import copy
 
-    from dnateq.calibrate import select_layers, trace_layers
+    from dnateq.calibration import select_layers, trace_layers
 
     model, loader = _setup(args)
     calib = min(args.calib, len(loader))

@@ -64,6 +64,11 @@ double exp_error(const at::Tensor& x, double alpha, double scale,
 at::Tensor exp_errors(const at::Tensor& x, at::ArrayRef<double> alpha,
                       at::ArrayRef<double> scale, at::ArrayRef<double> offset,
                       int64_t bits, c10::string_view rounding);
+// Beyond SPEC's list: exp_fit for several bit widths, sorted once; float64
+// [len(bits), 4] rows (alpha, scale, offset, rmae), bit-identical to exp_fit.
+at::Tensor exp_fits(const at::Tensor& x, at::IntArrayRef bits,
+                    c10::string_view search, c10::string_view rounding,
+                    c10::optional<at::ArrayRef<double>> alpha);
 
 }  // namespace cpu
 }  // namespace dnateq

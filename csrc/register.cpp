@@ -57,4 +57,10 @@ TORCH_LIBRARY(dnateq, m) {
   m.def(
       "exp_errors(Tensor x, float[] alpha, float[] scale, float[] offset, "
       "int bits, str rounding=\"nearest\") -> Tensor");
+  // Beyond SPEC's list: exp_fit for several bit widths, the magnitudes sorted
+  // once (calibration: one call per tensor of a layer). float64 [len(bits), 4]
+  // rows (alpha, scale, offset, rmae), on the CPU.
+  m.def(
+      "exp_fits(Tensor x, int[] bits, str search=\"golden\", "
+      "str rounding=\"nearest\", float[]? alpha=None) -> Tensor");
 }

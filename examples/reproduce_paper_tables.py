@@ -164,7 +164,7 @@ def accumulated_rmae(float_model: nn.Module, qmodel: nn.Module, umodel: nn.Modul
     uniform model, both quantizers applied to the same tensors: the float
     weights, and the inputs each layer receives in the float model on (up to
     ``max_samples`` samples of) one calibration batch."""
-    from dnateq.calibrate import _to_device, batch_input
+    from dnateq._common import batch_input, to_device as _to_device
     qmods = {n: m for n, m in qmodel.named_modules() if isinstance(m, (ExpLinear, ExpConv2d))}
     umods = {n: m for n, m in umodel.named_modules()
              if isinstance(m, (UniformLinear, UniformConv2d))}

@@ -265,3 +265,38 @@ def test_exp_errors_matches_exp_error(bits, rounding):
                                               rel=1e-9, abs=1e-300)
     assert dnateq.exp_errors(x, [], [], [], bits, rounding).shape == (0,)
     assert dnateq.exp_errors(torch.zeros(5), al, sc, of, bits).tolist() == [0.0] * 9
+
+
+@pytest.mark.parametrize("search", ["golden", "paper"])
+def test_exp_fits_bit_identical_to_exp_fit(search):
+    """exp_fits sorts once for all bit widths and answers exactly as one exp_fit per width,
+    with and without a given alpha (the calibration's second tensor)."""
+    bits = [3, 4, 5, 6, 7]
+    for i in range(0, 60, 3):
+        x, _, rounding, _ = random_tensor(i)
+        got = dnateq.exp_fits(x, bits, search, rounding)
+        assert got.dtype == torch.float64 and got.shape == (len(bits), 4)
+        want = [dnateq.exp_fit(x, b, search, rounding) for b in bits]
+        assert got.tolist() == [list(w) for w in want]
+        alphas = [1.05 + 0.1 * k for k in range(len(bits))]
+        got = dnateq.exp_fits(x, bits, search, rounding, alphas)
+        want = [dnateq.exp_fit(x, b, search, rounding, a) for b, a in zip(bits, alphas)]
+        assert got.tolist() == [list(w) for w in want]
+
+
+def test_exp_fits_reference_and_bad_input():
+    x = make_data((500,), gen(3), "normal")
+    got, want = dnateq.exp_fits(x, [3, 5], "paper"), ref.exp_fits(x, [3, 5], "paper")
+    assert want.shape == (2, 4) and torch.allclose(got, want, rtol=1e-6, atol=1e-9)
+    with pytest.raises(Exception, match="bits"):
+        dnateq.exp_fits(x, [3, 8])
+    with pytest.raises(Exception, match="bits"):
+        dnateq.exp_fits(x, [])
+    with pytest.raises(Exception, match="alpha"):
+        dnateq.exp_fits(x, [3, 4], alpha=[1.5])
+    with pytest.raises(Exception, match="alpha"):
+        dnateq.exp_fits(x, [3], alpha=[0.5])
+    with pytest.raises(Exception, match="search"):
+        dnateq.exp_fits(x, [3], search="fast")
+    with pytest.raises(Exception, match="non-finite"):
+        dnateq.exp_fits(torch.tensor([1.0, float("nan")]), [3])

@@ -15,4 +15,5 @@ TORCH_LIBRARY_IMPL(dnateq, CPU, m) {
   m.impl("exp_fit", &dnateq::cpu::exp_fit);
   m.impl("exp_error", &dnateq::cpu::exp_error);
   m.impl("exp_errors", &dnateq::cpu::exp_errors);
+  m.impl("exp_fits", &dnateq::cpu::exp_fits);
 }

@@ -216,27 +216,35 @@ at::Tensor exp_errors(const at::Tensor& x, at::ArrayRef<double> alpha,
   return out;
 }
 
-std::tuple<double, double, double, double> exp_fit(
-    const at::Tensor& x, int64_t bits, c10::string_view search,
-    c10::string_view rounding, c10::optional<double> alpha) {
-  check_bits(bits);
-  const Rounding r = parse_rounding(rounding);
+namespace {
+
+void check_search(c10::string_view search) {
   TORCH_CHECK(search == "golden" || search == "paper",
               "dnateq: search must be \"golden\" or \"paper\", got \"",
               std::string(search), "\"");
-  if (alpha.has_value()) check_alpha(*alpha);
-  const SortedMagnitudes m(x, "x");
+}
+
+// The fit of one bit width on already sorted magnitudes: exp_fit's body, so
+// that exp_fit and exp_fits give bit-identical answers.
+Candidate fit_sorted(const SortedMagnitudes& m, int64_t bits, bool paper,
+                     Rounding r, c10::optional<double> alpha) {
   const int n = static_cast<int>(bits);
   // Degenerate tensors (SPEC section 2); a given alpha is kept so that the
   // two tensors of a layer always share their base.
   if (m.size() == 0) {
-    return {alpha.value_or(2.0), 1.0, 0.0, 0.0};
+    Candidate c;
+    c.alpha = alpha.value_or(2.0);
+    return c;
   }
   if (m.hi() == m.lo()) {
-    const double a = alpha.value_or(2.0);
+    Candidate c;
+    c.alpha = alpha.value_or(2.0);
     ExpTables t;
-    make_checked_tables(t, a, m.lo(), 0.0, bits, r, "scale", "offset");
-    return {a, static_cast<double>(m.lo()), 0.0, m.rmae(t)};
+    make_checked_tables(t, c.alpha, m.lo(), 0.0, bits, r, "scale", "offset");
+    c.scale = static_cast<double>(m.lo());
+    c.offset = 0.0;
+    c.rmae = m.rmae(t);
+    return c;
   }
   Candidate c;
   if (alpha.has_value()) {
@@ -247,9 +255,55 @@ std::tuple<double, double, double, double> exp_fit(
     ExpTables t;
     make_checked_tables(t, c.alpha, c.scale, c.offset, bits, r, "scale", "offset");
   } else {
-    c = search == "paper" ? search_paper(m, n, r) : search_golden(m, n, r);
+    c = paper ? search_paper(m, n, r) : search_golden(m, n, r);
   }
+  return c;
+}
+
+}  // namespace
+
+std::tuple<double, double, double, double> exp_fit(
+    const at::Tensor& x, int64_t bits, c10::string_view search,
+    c10::string_view rounding, c10::optional<double> alpha) {
+  check_bits(bits);
+  const Rounding r = parse_rounding(rounding);
+  check_search(search);
+  if (alpha.has_value()) check_alpha(*alpha);
+  const SortedMagnitudes m(x, "x");
+  const Candidate c = fit_sorted(m, bits, search == "paper", r, alpha);
   return {c.alpha, c.scale, c.offset, c.rmae};
+}
+
+at::Tensor exp_fits(const at::Tensor& x, at::IntArrayRef bits,
+                    c10::string_view search, c10::string_view rounding,
+                    c10::optional<at::ArrayRef<double>> alpha) {
+  TORCH_CHECK(!bits.empty(), "dnateq: bits must list at least one bit width");
+  for (const int64_t b : bits) check_bits(b);
+  const Rounding r = parse_rounding(rounding);
+  check_search(search);
+  if (alpha.has_value()) {
+    TORCH_CHECK(alpha->size() == bits.size(),
+                "dnateq: alpha must have one value per bit width, got ", alpha->size(),
+                " values for ", bits.size(), " bit widths");
+    for (const double a : *alpha) check_alpha(a);
+  }
+  const SortedMagnitudes m(x, "x");  // sorted once for every bit width
+  const int64_t nb = static_cast<int64_t>(bits.size());
+  at::Tensor out = at::empty({nb, 4}, at::TensorOptions().dtype(at::kDouble));
+  double* o = out.data_ptr<double>();
+  const bool paper = search == "paper";
+  at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t i = b0; i < b1; ++i) {
+      const c10::optional<double> a =
+          alpha.has_value() ? c10::optional<double>((*alpha)[i]) : c10::nullopt;
+      const Candidate c = fit_sorted(m, bits[i], paper, r, a);
+      o[4 * i + 0] = c.alpha;
+      o[4 * i + 1] = c.scale;
+      o[4 * i + 2] = c.offset;
+      o[4 * i + 3] = c.rmae;
+    }
+  });
+  return out;
 }
 
 }  // namespace cpu

@@ -126,6 +126,13 @@ def _errors(x, alpha, scale, offset, bits, rounding="nearest"):
     return x.new_empty((len(alpha),), dtype=torch.float64, device="cpu")
 
 
+@_register("exp_fits")
+def _fits(x, bits, search="golden", rounding="nearest", alpha=None):
+    for b in bits:
+        _check_bits(b)
+    return x.new_empty((len(bits), 4), dtype=torch.float64, device="cpu")
+
+
 def _data_dependent(name):
     def fake(*args, **kwargs):
         raise RuntimeError(

@@ -22,7 +22,9 @@ from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple, Unio
 
 import torch.nn as nn
 
-from .calibrate import _get_module, _set_module, deliver, select_layers, trace_layers
+from ._common import get_module as _get_module
+from ._common import set_module as _set_module
+from .calibration import deliver, select_layers, trace_layers
 from .nn.modules import ExpConv2d, ExpLinear
 from .nn.uniform import UniformConv2d, UniformLinear, _check_bits
 

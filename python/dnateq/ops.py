@@ -130,6 +130,18 @@ def exp_errors(x: torch.Tensor, alpha: Sequence[float], scale: Sequence[float],
                            [float(o) for o in offset], bits, rounding)
 
 
+def exp_fits(x: torch.Tensor, bits: Sequence[int], search: str = "golden",
+             rounding: str = "nearest", alpha: Optional[Sequence[float]] = None) -> torch.Tensor:
+    """:func:`exp_fit` for several bit widths at once: the magnitudes are sorted
+    once. Returns float64 ``[len(bits), 4]``, row ``i`` = ``(alpha, scale,
+    offset, rmae)`` of ``exp_fit(x, bits[i], search, rounding, alpha[i])``,
+    bit-identical to it. ``alpha`` (one value per bit width) fits only S and
+    beta. Runs on the CPU (a CUDA ``x`` is copied, as ``exp_fit`` does).
+    """
+    return _ops.exp_fits(x.cpu() if x.is_cuda else x, [int(b) for b in bits], search, rounding,
+                         None if alpha is None else [float(a) for a in alpha])
+
+
 def weight_terms(w_codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Precomputed weight terms for the count ops (SPEC section 4).
 

@@ -39,7 +39,8 @@ from typing import Any, Dict, Union
 import torch
 import torch.nn as nn
 
-from .calibrate import _disable_fast_paths, _set_module
+from ._common import set_module as _set_module
+from .calibration.select import disable_fast_paths as _disable_fast_paths
 from .nn.modules import MODES, ROUNDINGS, ExpConv2d, ExpLinear, ExpMultiheadAttention
 from .nn.uniform import UniformConv2d, UniformLinear
 from . import ops

@@ -764,6 +764,21 @@ def exp_errors(x: torch.Tensor, alpha: Sequence[float], scale: Sequence[float],
                          for a, s, o in zip(alpha, scale, offset)], dtype=torch.float64)
 
 
+def exp_fits(x: torch.Tensor, bits: Sequence[int], search: str = "golden",
+             rounding: str = "nearest", alpha: Optional[Sequence[float]] = None) -> torch.Tensor:
+    """Reference of ``dnateq.exp_fits``: :func:`exp_fit` per bit width, as float64
+    ``[len(bits), 4]`` rows ``(alpha, scale, offset, rmae)``."""
+    bits = list(bits)
+    if not bits:
+        raise ValueError("dnateq: bits must list at least one bit width")
+    alphas = [None] * len(bits) if alpha is None else list(alpha)
+    if len(alphas) != len(bits):
+        raise ValueError(f"dnateq: alpha must have one value per bit width, got {len(alphas)} "
+                         f"values for {len(bits)} bit widths")
+    return torch.tensor([exp_fit(x, b, search, rounding, a) for b, a in zip(bits, alphas)],
+                        dtype=torch.float64).reshape(len(bits), 4)
+
+
 def fit_scale_offset(lo: float, hi: float, alpha: float, bits: int) -> Tuple[float, float]:
     """``S = (hi - lo) / (alpha^E - alpha^-E)``, ``beta = lo - S * alpha^-E`` (float64)."""
     E = exp_range(bits)

@@ -18,7 +18,8 @@ from .bits import plot_bits
 from .distributions import (DISTRIBUTIONS, PAPER_DISTRIBUTIONS, DistributionFits,
                             distribution_rss, fit_distributions, rss_table)
 from .errors import LayerErrors, layer_output_errors
-from .sweep import DEFAULT_THRESHOLDS, ThresholdSweep, choose_bits, threshold_sweep
+from ..calibration.allocate import choose_bits
+from .sweep import DEFAULT_THRESHOLDS, ThresholdSweep, threshold_sweep
 
 __all__ = [
     "fit_distributions", "DistributionFits", "distribution_rss", "rss_table", "DISTRIBUTIONS",

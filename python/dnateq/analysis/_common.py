@@ -5,12 +5,12 @@ from __future__ import annotations
 import copy
 from typing import Any, Iterable, List, Optional, Sequence, Tuple
 
-import torch
 import torch.nn as nn
 
 from .._table import cell as fmt, csv_text, markdown_table  # noqa: F401
-from ..calibrate import _disable_fast_paths, _get_module, _set_module
-from ..nn.modules import ExpConv2d, ExpLinear, ExpMultiheadAttention
+from .._common import first_tensor  # noqa: F401  (re-exported for the analysis tools)
+from ..calibration.select import disable_fast_paths, split_attention
+from ..nn.modules import ExpConv2d, ExpLinear
 
 #: Module types the analysis treats as DNA-TEQ quantized layers.
 QUANTIZED_TYPES = (ExpLinear, ExpConv2d)
@@ -39,12 +39,8 @@ def split_mha(model: nn.Module, names: Optional[Sequence[str]] = None) -> nn.Mod
     if not todo:
         return model
     work = copy.deepcopy(model)
-    for n in todo:
-        _set_module(work, n, ExpMultiheadAttention.from_float(_get_module(work, n)))
-    _disable_fast_paths(work)
-    for m in work.modules():
-        if isinstance(m, nn.TransformerEncoder):
-            m.use_nested_tensor = False   # the nested fast path bypasses the modules
+    split_attention(work, todo)
+    disable_fast_paths(work)
     return work
 
 
@@ -66,23 +62,6 @@ class eval_mode:
         for m, f in self.flags:
             m.training = f
         return False
-
-
-def first_tensor(out: Any) -> Optional[torch.Tensor]:
-    """The first tensor of a module output (a tensor, a tuple/list, a dict or an
-    object with ``logits``), or None."""
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, (tuple, list)):
-        for v in out:
-            if isinstance(v, torch.Tensor):
-                return v
-    if isinstance(out, dict):
-        for v in out.values():
-            if isinstance(v, torch.Tensor):
-                return v
-    t = getattr(out, "logits", None)
-    return t if isinstance(t, torch.Tensor) else None
 
 
 def layer_names(names: Iterable[str], limit: int = 12) -> str:

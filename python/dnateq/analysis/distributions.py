@@ -20,7 +20,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..calibrate import _matches, _progress, trace_layers
+from .._common import matches as _matches
+from .._common import progress as _progress
+from ..calibration.trace import trace_layers
 from ._common import (FLOAT_TYPES, QUANTIZED_TYPES, check_positive_int, csv_text, eval_mode,
                       fmt, layer_names, markdown_table, split_mha)
 

@@ -10,7 +10,11 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from ..calibrate import _matches, _model_device, _progress, _to_device, batch_input
+from .._common import batch_input
+from .._common import matches as _matches
+from .._common import model_device as _model_device
+from .._common import progress as _progress
+from .._common import to_device as _to_device
 from ..nn.modules import ExpMultiheadAttention
 from ._common import (FLOAT_TYPES, QUANTIZED_TYPES, check_positive_int, csv_text, eval_mode,
                       first_tensor, markdown_table, split_mha)

@@ -17,13 +17,11 @@ import inspect
 import math
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
-import torch
 import torch.nn as nn
 
-from ..calibrate import (choose_bits, _disable_fast_paths, _first_tensor, _get_module, _model_device,
-                         _progress, _set_module, _to_device, batch_input, proxy_quality,
-                         quantize)
-from ..nn.modules import ExpConv2d, ExpLinear
+from .._common import batch_input, get_module, model_device, to_device
+from .._common import progress as _progress
+from ..calibration import LayerCache, LayerSearch, Quality, quantize
 from ._common import QUANTIZED_TYPES, csv_text, markdown_table, split_mha
 
 __all__ = ["threshold_sweep", "ThresholdSweep", "DEFAULT_THRESHOLDS"]
@@ -140,17 +138,6 @@ def _check_thresholds(thresholds) -> List[float]:
     return sorted(set(ts))
 
 
-def _bit_totals(floats: Dict[str, nn.Module], cfg: Dict[str, int]) -> Tuple[float, float]:
-    nw = avg = sto = 0.0
-    for n, b in cfg.items():
-        w = floats[n].weight
-        k = w.numel()
-        nw += k
-        avg += b * k
-        sto += (b + (1 if bool((w < 0).any()) else 0)) * k
-    return avg / nw, sto / nw
-
-
 def threshold_sweep(model: nn.Module, loader: Iterable,
                     eval_fn: Optional[Callable[[nn.Module], float]] = None,
                     thresholds: Sequence[float] = DEFAULT_THRESHOLDS, *,
@@ -239,59 +226,25 @@ def threshold_sweep(model: nn.Module, loader: Iterable,
     if work is model:
         work = copy.deepcopy(model)
     work.eval()
-    floats = {n: _get_module(work, n) for n in order}
-    device = _model_device(work)
-    cache: Dict[Tuple[str, int], nn.Module] = {}
-
-    def build(n: str, b: int) -> nn.Module:
-        if (n, b) not in cache:
-            t, r = tables[n], tables[n]["rows"][b]
-            cls = ExpLinear if isinstance(floats[n], nn.Linear) else ExpConv2d
-            cache[(n, b)] = cls.from_float(
-                floats[n], b, (r["alpha"], r["sw"], r["bw"]), (r["alpha"], r["sa"], r["ba"]),
-                a_signed=t["a_signed"], rounding=qopt["rounding"], mode=eval_mode_name,
-                info=dict(rmae_w=r["rmae_w"], rmae_a=r["rmae_a"], rss_w=t["rss_w"],
-                          rss_a=t["rss_a"], start=t["start"], first_layer=(n == order[0])))
-        return cache[(n, b)]
-
+    build = LayerCache({n: get_module(work, n) for n in order}, tables,
+                       rounding=qopt["rounding"], mode=eval_mode_name, first=order[0])
+    held: List[Any] = []
     if eval_fn is None:
         # quantize's held-out batches: those after the calibration ones, else
         # the first calibration batches.
-        held = batches[calib:calib + n_eval] or batches[:min(n_eval, calib)]
-        eval_inputs = [_to_device(batch_input(b, fn), device) for b in held]
-        with torch.no_grad():
-            ref = [_first_tensor(work(x)).detach() for x in eval_inputs]
-
-    def evaluate() -> float:
-        work.eval()
-        if eval_fn is not None:
-            v = float(eval_fn(work))
-        else:
-            with torch.no_grad():
-                v = proxy_quality(ref, [_first_tensor(work(x)) for x in eval_inputs])
-        if not math.isfinite(v):
-            raise ValueError(f"{fn}: the quality metric returned {v}")
-        return v
-
-    base = evaluate()
-    seen: Dict[Tuple[int, ...], float] = {}
+        device = model_device(work)
+        held = [to_device(batch_input(b, fn), device)
+                for b in batches[calib:calib + n_eval] or batches[:min(n_eval, calib)]]
+    search = LayerSearch(work, order, tables, bits, build, Quality(work, eval_fn, held, who=fn))
+    base = search.base
     rows: List[Dict[str, Any]] = []
     for thr in _progress(ts, progress, desc="dnateq: threshold sweep"):
-        cfg = choose_bits(tables, order, thr, bits, qopt["first_layer_divisor"],
-                          qopt["act_threshold_scale"])
-        key = tuple(cfg[n] for n in order)
-        evaluated = key not in seen
-        if evaluated:
-            for n, b in cfg.items():
-                _set_module(work, n, build(n, b))
-            _disable_fast_paths(work)
-            seen[key] = evaluate()
-        qv = seen[key]
-        avg, sto = _bit_totals(floats, cfg)
+        cfg = search.threshold_bits(thr, qopt["first_layer_divisor"], qopt["act_threshold_scale"])
+        qv, evaluated = search.measure(cfg)
+        avg, sto = search.bit_totals(cfg)
         rows.append(dict(threshold=thr, bits=cfg, avg_bits=avg, storage_bits=sto, quality=qv,
                          loss=base - qv, passed=base - qv <= max_loss, evaluated=evaluated))
-    return ThresholdSweep(rows, base, "eval_fn" if eval_fn is not None else "proxy", max_loss,
-                          order, options)
+    return ThresholdSweep(rows, base, search.quality.metric, max_loss, order, options)
 
 
 def _sweep_requantize(model, batches, eval_fn, ts, max_loss, progress, opts, options
@@ -306,10 +259,10 @@ def _sweep_requantize(model, batches, eval_fn, ts, max_loss, progress, opts, opt
                      max_threshold=thr, progress=False, **opts)
         info = q.dnateq_info
         order = list(info["order"])
-        cfg = {n: int(_get_module(q, n).bits) for n in order}
-        nw = sum(_get_module(q, n).weight_count for n in order)
-        avg = sum(cfg[n] * _get_module(q, n).weight_count for n in order) / nw
-        sto = sum((cfg[n] + int(_get_module(q, n).w_signed)) * _get_module(q, n).weight_count
+        cfg = {n: int(get_module(q, n).bits) for n in order}
+        nw = sum(get_module(q, n).weight_count for n in order)
+        avg = sum(cfg[n] * get_module(q, n).weight_count for n in order) / nw
+        sto = sum((cfg[n] + int(get_module(q, n).w_signed)) * get_module(q, n).weight_count
                   for n in order) / nw
         base = info["base_quality"]
         qv = info["quality"]

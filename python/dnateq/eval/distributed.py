@@ -24,7 +24,7 @@ shard; :func:`merge_traces` then combines the per-layer traces of all ranks
 into the trace one process would have collected over the union (exact
 minimum/maximum magnitudes, the "any negative input" flag, counts, and a
 uniform sample of the union, because priority samples merge by keeping the
-smallest keys). The tracing loop of ``dnateq.calibrate`` calls it right after
+smallest keys). The tracing step of ``dnateq.calibration`` calls it right after
 tracing (with per-rank sampling seeds ``seed + rank``, and the proxy metric
 summed over ranks), so every rank fits the same parameters, chooses the same
 bits and returns the same model. With an ``eval_fn``, make it
@@ -37,7 +37,6 @@ calibration is deterministic; only the evaluation is then sharded.
 """
 from __future__ import annotations
 
-import math
 import os
 from datetime import timedelta
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Union
@@ -311,60 +310,7 @@ def raise_if_any_failed(error: Optional[BaseException], what: str) -> None:
 # ---------------------------------------------------------------------------
 
 def merge_traces(traces: Dict[str, Any]) -> None:
-    """Combine the per-layer calibration traces of all ranks, in place.
-
-    ``traces`` maps layer names (the same on every rank) to
-    :class:`dnateq.calibrate._Trace` objects filled from this rank's shard.
-    Afterwards every rank holds the same merged trace:
-
-    - ``lo``/``hi`` (and the signed values attaining them): the minimum
-      nonzero / maximum magnitude over all ranks (ties: the lowest rank);
-    - ``vmin``/``vmax`` (signed extremes): min/max over ranks;
-    - ``negative``: any rank saw a negative input; ``count``/``calls``: sums;
-    - the sample: priority sampling keeps the ``size`` smallest of i.i.d.
-      uniform keys, so the union of the ranks' samples cut back to the
-      ``size`` smallest keys is a uniform sample of the union of all inputs.
-      This needs independent keys on different ranks: seed each rank's key
-      generator differently (``seed + rank``).
-
-    A single process (or world size 1) leaves ``traces`` unchanged.
-    """
-    if not is_distributed() or world_size() == 1:
-        return
-    names = sorted(traces)
-    local = {n: {f: getattr(traces[n], f) for f in _TRACE_FIELDS if hasattr(traces[n], f)}
-             for n in names}
-    parts = all_gather_objects(local)
-    for p in parts:
-        if sorted(p) != names:
-            raise RuntimeError("dnateq.quantize: ranks traced different layers; every rank "
-                               "must calibrate the same model")
-    for n in names:
-        t = traces[n]
-        recs = [p[n] for p in parts]
-        t.lo, t.lo_val, t.hi, t.hi_val = math.inf, 0.0, 0.0, 0.0
-        for r in recs:   # rank order: strict comparisons keep the lowest rank on ties
-            if r["lo"] < t.lo:
-                t.lo, t.lo_val = r["lo"], r["lo_val"]
-            if r["hi"] > t.hi:
-                t.hi, t.hi_val = r["hi"], r["hi_val"]
-        if "vmin" in recs[0]:   # signed extremes (ranges of the uniform baselines)
-            t.vmin = min(r["vmin"] for r in recs)
-            t.vmax = max(r["vmax"] for r in recs)
-        t.negative = any(r["negative"] for r in recs)
-        t.count = sum(int(r["count"]) for r in recs)
-        t.calls = sum(int(r["calls"]) for r in recs)
-        keys = torch.cat([r["keys"].reshape(-1).float().cpu() for r in recs])
-        vals = torch.cat([r["vals"].reshape(-1).float().cpu() for r in recs])
-        if keys.numel() > t.size:
-            # a stable sort makes the kept set and its order identical on all ranks
-            kept = torch.sort(keys, stable=True).indices[:t.size]
-            keys, vals = keys[kept], vals[kept]
-        t.keys, t.vals = keys, vals
-        t.kmax = float(keys.max()) if keys.numel() else 1.0
-
-
-#: The state of a ``dnateq.calibrate._Trace`` that :func:`merge_traces` combines
-#: (``vmin``/``vmax`` where the trace has them).
-_TRACE_FIELDS = ("vals", "keys", "lo", "hi", "lo_val", "hi_val", "negative", "count", "calls",
-                 "vmin", "vmax")
+    """Combine the per-layer calibration traces of all ranks, in place: see
+    :func:`dnateq.calibration.trace.merge_traces` (where it lives now)."""
+    from ..calibration.trace import merge_traces as merge
+    merge(traces)

@@ -22,6 +22,7 @@ from typing import Any, Callable, Dict, Iterable, Optional, Sequence, Tuple, Uni
 import torch
 import torch.nn as nn
 
+from .._common import model_device
 from . import distributed as D
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "imagenet_transforms", "resolve_weights",
@@ -182,14 +183,6 @@ def _logits(out: Any) -> torch.Tensor:
         return out[0]
     raise TypeError(f"dnateq.eval.evaluate_topk: the model returned {type(out).__name__}; "
                     "expected logits [batch, classes]")
-
-
-def model_device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    for b in model.buffers():
-        return b.device
-    return torch.device("cpu")
 
 
 def _progress(total: Optional[int], enabled: bool, desc: str):

@@ -22,7 +22,8 @@ import torch.nn as nn
 from ._fmt import csv_text, markdown_table, save_figure
 from .config import HWConfig, as_config
 from .model import DESIGNS, ENERGY_TERMS, choose_mapping, layer_cost, storage_bits
-from .shapes import LayerShape, _describe, trace_layers
+from .._common import describe
+from .shapes import LayerShape, trace_layers
 
 __all__ = ["estimate", "evaluate", "HWEstimate", "check_bits"]
 
@@ -322,4 +323,4 @@ def estimate(qmodel: nn.Module, example_input: Any, config: Any = None, *,
     cfg = as_config(config, who)
     bits = check_bits(bits, who)
     shapes, notes = trace_layers(qmodel, example_input, who)
-    return evaluate(shapes, cfg, bits=bits, notes=notes, input_desc=_describe(example_input))
+    return evaluate(shapes, cfg, bits=bits, notes=notes, input_desc=describe(example_input))

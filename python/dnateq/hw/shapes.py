@@ -32,6 +32,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .._common import describe, to_device
+from .._common import model_device as _device_of
 from ..nn.modules import ExpConv2d, ExpLinear, ExpMultiheadAttention
 
 __all__ = ["LayerShape", "trace_layers", "conv_pads"]
@@ -127,26 +129,6 @@ def _conv_zero_stats(x: torch.Tensor, module: nn.Module, w_shape: List[int]) -> 
     return frac, corr
 
 
-def _describe(x: Any) -> str:
-    if isinstance(x, torch.Tensor):
-        return f"tensor {list(x.shape)} {x.dtype}"
-    if isinstance(x, (tuple, list)):
-        return type(x).__name__ + "(" + ", ".join(_describe(v) for v in x) + ")"
-    if isinstance(x, dict):
-        return "dict(" + ", ".join(f"{k}={_describe(v)}" for k, v in x.items()) + ")"
-    return type(x).__name__
-
-
-def _to_device(x: Any, device: torch.device) -> Any:
-    if isinstance(x, torch.Tensor):
-        return x.to(device)
-    if isinstance(x, (tuple, list)):
-        return type(x)(_to_device(v, device) for v in x)
-    if isinstance(x, dict):
-        return {k: _to_device(v, device) for k, v in x.items()}
-    return x
-
-
 def _first_tensor(x: Any) -> Optional[torch.Tensor]:
     if isinstance(x, torch.Tensor):
         return x
@@ -175,19 +157,11 @@ def check_example_input(example_input: Any, who: str) -> None:
                              "keyword arguments")
         if _first_tensor(example_input) is None:
             raise TypeError(f"{who}: example_input holds no tensor "
-                            f"({_describe(example_input)})")
+                            f"({describe(example_input)})")
         return
     raise TypeError(f"{who}: example_input must be a tensor, a tuple/list of positional "
                     f"arguments or a dict of keyword arguments, got "
                     f"{type(example_input).__name__}")
-
-
-def _model_device(model: nn.Module) -> Optional[torch.device]:
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return None
 
 
 def _mha_rows(name: str, mha: nn.MultiheadAttention, args, kwargs) -> List[LayerShape]:
@@ -283,8 +257,8 @@ def trace_layers(model: nn.Module, example_input: Any, who: str = "dnateq.hw"
     modes = [(m, m.training) for m in model.modules()]
     handles = [m.register_forward_hook(make_hook(n, m), with_kwargs=True)
                for n, m in targets.items()]
-    dev = _model_device(model)
-    x = _to_device(example_input, dev) if dev is not None else example_input
+    dev = _device_of(model, None)
+    x = to_device(example_input, dev) if dev is not None else example_input
     try:
         model.eval()
         with torch.no_grad():
@@ -297,7 +271,7 @@ def trace_layers(model: nn.Module, example_input: Any, who: str = "dnateq.hw"
                     model(*x)
             except Exception as e:
                 raise RuntimeError(f"{who}: the model cannot take example_input "
-                                   f"({_describe(example_input)}): {type(e).__name__}: {e}"
+                                   f"({describe(example_input)}): {type(e).__name__}: {e}"
                                    ) from e
     finally:
         for h in handles:

@@ -24,7 +24,8 @@ import torch.nn as nn
 from ._fmt import csv_text, markdown_table, save_figure
 from .config import HWConfig, as_config
 from .estimate import check_bits, evaluate
-from .shapes import _describe, trace_layers
+from .._common import describe
+from .shapes import trace_layers
 
 __all__ = ["sweep", "SweepResult", "AXES"]
 
@@ -261,7 +262,7 @@ def sweep(qmodel: nn.Module, example_input: Any, *, pes: Any = None, units: Any 
         configs.append((dict(zip(hw_axes, combo)), cfg))
 
     shapes, notes = trace_layers(qmodel, example_input, who)
-    desc = _describe(example_input)
+    desc = describe(example_input)
     todo = [(p, c, b) for p, c in configs for b in bit_values]
     it: Iterable = todo
     if progress and len(todo) > 1:

@@ -1,0 +1,98 @@
+"""The options of ``dnateq.quantize`` as one validated dataclass."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence, Tuple, Union
+
+from ..nn.modules import MODES, ROUNDINGS
+
+__all__ = ["QuantizeConfig"]
+
+_WHO = "dnateq.quantize"
+
+
+@dataclass
+class QuantizeConfig:
+    """Every option of :func:`dnateq.quantize` (documented there), validated
+    and normalised by :meth:`validated`: ``bits`` sorted and deduplicated,
+    ``act_threshold_scale`` a float (or ``"auto"``).
+
+    ``method`` names the bit-allocation strategy (``"paper"``: the threshold
+    rule; see :data:`dnateq.calibration.allocate.STRATEGIES`); ``passes`` the
+    extra calibration passes to run, by name (see
+    :data:`dnateq.calibration.pipeline.PASSES`)."""
+    eval_fn: Optional[Callable[[Any], float]] = None
+    max_loss: float = 1.0
+    bits: Sequence[int] = (3, 4, 5, 6, 7)
+    search: str = "golden"
+    rounding: str = "nearest"
+    first_layer_divisor: float = 10.0
+    act_threshold_scale: Union[float, str] = 1.0
+    threshold_step: float = 0.01
+    max_threshold: float = 0.30
+    rss_normalize: bool = False
+    calib_batches: int = 8
+    eval_batches: int = 4
+    sample_size: int = 1 << 18
+    layers: Optional[Sequence[str]] = None
+    skip: Optional[Sequence[str]] = None
+    inplace: bool = False
+    mode: str = "lut"
+    progress: bool = True
+    seed: int = 0
+    method: str = "paper"
+    passes: Tuple[str, ...] = field(default_factory=tuple)
+
+    @classmethod
+    def option_names(cls) -> Tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    def replace(self, **changes) -> "QuantizeConfig":
+        return dataclasses.replace(self, **changes).validated()
+
+    def validated(self) -> "QuantizeConfig":
+        """A checked, normalised copy; raises ``ValueError``/``TypeError`` naming
+        the option."""
+        c = dataclasses.replace(self)
+        bits = sorted({int(b) for b in c.bits})
+        if not bits or bits[0] < 2 or bits[-1] > 7:
+            raise ValueError(f"{_WHO}: bits must be values in [2, 7], got {bits}")
+        c.bits = tuple(bits)
+        if c.search not in ("golden", "paper"):
+            raise ValueError(f"{_WHO}: search must be 'golden' or 'paper', got {c.search!r}")
+        if c.rounding not in ROUNDINGS:
+            raise ValueError(f"{_WHO}: rounding must be one of {ROUNDINGS}, got {c.rounding!r}")
+        if c.mode not in MODES:
+            raise ValueError(f"{_WHO}: mode must be one of {MODES}, got {c.mode!r}")
+        if not (isinstance(c.act_threshold_scale, str) and c.act_threshold_scale == "auto"):
+            try:
+                c.act_threshold_scale = float(c.act_threshold_scale)
+            except (TypeError, ValueError):
+                raise ValueError(f"{_WHO}: act_threshold_scale must be a positive float or "
+                                 f"'auto', got {c.act_threshold_scale!r}") from None
+            if not c.act_threshold_scale > 0:
+                raise ValueError(f"{_WHO}: act_threshold_scale must be > 0, got "
+                                 f"{c.act_threshold_scale}")
+        if not c.threshold_step > 0 or not c.max_threshold >= c.threshold_step:
+            raise ValueError(f"{_WHO}: need 0 < threshold_step <= max_threshold, got "
+                             f"{c.threshold_step}, {c.max_threshold}")
+        if not c.first_layer_divisor > 0:
+            raise ValueError(f"{_WHO}: first_layer_divisor must be > 0, got "
+                             f"{c.first_layer_divisor}")
+        for name, minimum in (("calib_batches", 1), ("eval_batches", 1), ("sample_size", 16)):
+            v = getattr(c, name)
+            if int(v) < minimum:
+                raise ValueError(f"{_WHO}: {name} must be >= {minimum}, got {v}")
+        if c.eval_fn is not None and not callable(c.eval_fn):
+            raise TypeError(f"{_WHO}: eval_fn must be callable (model -> float)")
+        from .allocate import STRATEGIES
+        if c.method not in STRATEGIES:
+            raise ValueError(f"{_WHO}: method must be one of {sorted(STRATEGIES)}, got "
+                             f"{c.method!r}")
+        from .pipeline import PASSES
+        c.passes = (c.passes,) if isinstance(c.passes, str) else tuple(c.passes or ())
+        unknown = [p for p in c.passes if p not in PASSES]
+        if unknown:
+            raise ValueError(f"{_WHO}: unknown pass(es) {unknown}; known: {sorted(PASSES)}")
+        return c

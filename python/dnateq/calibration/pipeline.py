@@ -1,0 +1,280 @@
+"""``dnateq.quantize``: the calibration steps of SPEC section 3, top-down, and
+the registry of extra calibration passes (the extension points).
+
+Stages where passes run (see :func:`register_pass`):
+
+- ``"before_fit"``: after tracing, before the per-layer fits. A pass gets the
+  :class:`Calibration` state; it may change the working model's weights and
+  the layers' predecessors (e.g. fold a smoothing scale into a LayerNorm),
+  record a per-layer smoothing vector in ``state.smooth[name]``, and note what
+  it did per layer in ``state.layer_passes[name]`` (for the report). The fit
+  reads the weights from the working model and the activations from
+  ``state.traces`` after the passes ran (a pass that changes what a layer sees
+  re-traces: :meth:`Calibration.retrace`).
+- ``"after_build"``: every freshly built quantized layer, before the
+  allocation evaluates it, as ``fn(state, name, layer, float_layer)`` (e.g. bias
+  correction of the layer's mean output error).
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+
+from .._common import get_module
+from .allocate import STRATEGIES, Allocation, LayerSearch
+from .build import LayerCache, deliver
+from .config import QuantizeConfig
+from .fit import fit_layers
+from .quality import Quality
+from .select import select_layers
+from .trace import Traces, trace_layers
+
+__all__ = ["quantize", "calibrate", "Calibration", "PASSES", "STAGES", "BEFORE_FIT",
+           "AFTER_BUILD", "register_pass", "run_passes", "executed_layers"]
+
+BEFORE_FIT, AFTER_BUILD = "before_fit", "after_build"
+STAGES = (BEFORE_FIT, AFTER_BUILD)
+
+
+@dataclass
+class Pass:
+    name: str
+    stage: str
+    fn: Callable[..., None]
+
+
+#: Registered passes by name; ``QuantizeConfig.passes`` selects which run.
+PASSES: Dict[str, Pass] = {}
+
+
+def register_pass(name: str, stage: str, fn: Callable[..., None]) -> None:
+    """Register ``fn`` as pass ``name`` at ``stage`` (one of :data:`STAGES`);
+    ``quantize(passes=[name, ...])`` runs it (in the order given)."""
+    if stage not in STAGES:
+        raise ValueError(f"dnateq.calibration: stage must be one of {STAGES}, got {stage!r}")
+    PASSES[name] = Pass(name, stage, fn)
+
+
+@dataclass
+class Calibration:
+    """The state the passes see: the working ``model`` (a copy of the caller's),
+    the validated ``config``, the quantized layer ``names`` in execution order,
+    the :class:`~dnateq.calibration.trace.Traces`, the ``skipped`` layers, the
+    split attention modules, and what the steps add: ``tables`` (after the
+    fit), ``smooth`` ({name: per-input-channel vector}) and ``layer_passes``
+    ({name: [pass names that changed it]})."""
+    model: nn.Module
+    config: QuantizeConfig
+    names: List[str]
+    traces: Traces
+    skipped: Dict[str, str]
+    mha_names: List[str]
+    tables: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+    smooth: Dict[str, torch.Tensor] = field(default_factory=dict)
+    layer_passes: Dict[str, List[str]] = field(default_factory=dict)
+
+    def passes_at(self, stage: str) -> List[Pass]:
+        return [PASSES[p] for p in self.config.passes if PASSES[p].stage == stage]
+
+    def retrace(self, inputs: Sequence[Any]) -> None:
+        """Trace the layers again on ``inputs`` (model inputs, as the loader's
+        batches give them), replacing ``traces.traces``."""
+        c = self.config
+        tr = trace_layers(self.model, self.names, inputs, calib_batches=len(inputs),
+                          sample_size=c.sample_size, seed=c.seed, progress=False)
+        self.traces.traces = tr.traces
+
+    def after_build_hooks(self) -> List[Callable[[str, nn.Module, nn.Module], None]]:
+        return [lambda n, q, f, p=p: p.fn(self, n, q, f) for p in self.passes_at(AFTER_BUILD)]
+
+
+def run_passes(stage: str, state: Calibration) -> None:
+    """Run the selected passes of ``stage`` that take the whole state."""
+    for p in state.passes_at(stage):
+        p.fn(state)
+
+
+def executed_layers(tr: Traces, cands: Sequence[str], skipped: Dict[str, str]) -> List[str]:
+    """The candidates the model ran, in first-execution order; the others are
+    noted in ``skipped``."""
+    for n in cands:
+        if tr.traces[n].calls == 0:
+            skipped[n] = "not executed during calibration"
+    names = [n for n in tr.order if n in tr.traces and tr.traces[n].calls > 0]
+    if not names:
+        raise ValueError("dnateq.quantize: no quantizable layer was executed by the model "
+                         "on the calibration batches")
+    return names
+
+
+def quantize(model: nn.Module, loader: Iterable, *,
+             eval_fn: Optional[Callable[[nn.Module], float]] = None,
+             max_loss: float = 1.0,
+             bits: Sequence[int] = (3, 4, 5, 6, 7),
+             search: str = "golden",
+             rounding: str = "nearest",
+             first_layer_divisor: float = 10.0,
+             act_threshold_scale: Union[float, str] = 1.0,
+             threshold_step: float = 0.01,
+             max_threshold: float = 0.30,
+             rss_normalize: bool = False,
+             calib_batches: int = 8,
+             eval_batches: int = 4,
+             sample_size: int = 1 << 18,
+             layers: Optional[Sequence[str]] = None,
+             skip: Optional[Sequence[str]] = None,
+             inplace: bool = False,
+             mode: str = "lut",
+             progress: bool = True,
+             seed: int = 0,
+             method: str = "paper",
+             passes: Sequence[str] = ()) -> nn.Module:
+    """Calibrate ``model`` on ``loader`` and return it with DNA-TEQ quantized layers.
+
+    Args:
+        model: a float ``nn.Module``. Quantizable layers: ``nn.Linear``,
+            ``nn.Conv2d`` (``padding_mode="zeros"``; others stay float and are
+            listed as skipped) and the Q/K/V/out projections of
+            ``nn.MultiheadAttention`` (replaced by :class:`dnateq.nn.ExpMultiheadAttention`).
+        loader: an iterable of batches: tensors, tuples/lists (the first item is
+            the input) or dicts (the value of the first key present among
+            ``"input", "inputs", "x", "pixel_values", "input_ids", "image",
+            "images"``, else the first tensor value). The model is called as
+            ``model(input)``; inputs are moved to the model's device.
+        eval_fn: ``eval_fn(model) -> float``, higher is better. When None, a
+            proxy in percent on held-out loader batches: top-1 agreement with the
+            float model for ``[B, C]`` logits, else 100 x mean cosine similarity.
+        max_loss: the allowed quality loss, in ``eval_fn``'s units (default 1.0).
+        bits: candidate exponent bits ``n`` (default 3..7).
+        search: base search of ``exp_fit``: ``"golden"`` (default) or ``"paper"``.
+        rounding: ``"nearest"`` (default) or ``"log"`` (the paper's).
+        first_layer_divisor: the first quantizable layer in forward-execution
+            order uses ``Thr_w / first_layer_divisor`` (default 10).
+        act_threshold_scale: ``Thr_act = Thr_w * act_threshold_scale`` (default
+            1.0); ``"auto"`` scales per layer by ``RMAE_A / RMAE_W`` at the
+            smallest candidate ``n``.
+        threshold_step: step of the outer ``Thr_w`` loop (default 0.01 = 1 %).
+            The loop stops at the first threshold whose loss exceeds
+            ``max_loss`` (the previous configuration is kept), or early once
+            every layer is at the smallest ``n`` (the choice cannot change any
+            more); a threshold giving the same bit choice as the previous one
+            is not evaluated again. If even the first threshold fails, the
+            all-``max(bits)`` configuration is returned with a RuntimeWarning
+            (``dnateq_info["fallback"]``, also noted by :func:`dnateq.report`).
+        max_threshold: the largest ``Thr_w`` tried (default 0.30).
+        rss_normalize: compare the RSS on ``m / mean(m)`` instead of raw
+            magnitudes when choosing the starting tensor.
+        calib_batches: number of loader batches traced (default 8).
+        eval_batches: for the proxy metric only, number of further loader
+            batches held out for evaluation (default 4); when the loader has no
+            more batches, the first calibration batches are reused (up to
+            ``eval_batches`` of them are kept for that).
+        sample_size: per-layer bound on the traced activation sample (elements).
+        layers: module names, name prefixes (a submodule's name selects the
+            layers inside it) or ``fnmatch`` patterns of the layers to quantize
+            (default: all quantizable layers).
+        skip: names, prefixes or patterns of layers to leave in float (a
+            skipped ``nn.MultiheadAttention`` stays whole, in float).
+        inplace: swap the quantized modules into ``model`` itself (only once
+            calibration has succeeded) instead of returning a deep copy.
+        mode: execution mode of the quantized modules: ``"lut"`` (default),
+            ``"count"`` or ``"fake"``. Evaluations during the search run in
+            ``"lut"`` when ``mode="count"`` (the modes agree to 1e-4).
+        progress: tqdm progress bars for tracing, fitting and the threshold loop
+            (``progress=False`` silences them).
+        seed: seed of the activation sub-sampling (results are deterministic
+            for a fixed seed and loader).
+        method: the bit-allocation strategy: ``"paper"`` (default), the
+            threshold rule above (SPEC section 3, items 4-5); further strategies
+            register in :data:`dnateq.calibration.allocate.STRATEGIES`.
+        passes: names of extra calibration passes to run (registered in
+            :data:`dnateq.calibration.pipeline.PASSES`; none by default).
+
+    Returns:
+        The quantized model (a deep copy unless ``inplace``). ``model.dnateq_info``
+        holds the calibration record (per-layer tables, thresholds tried,
+        qualities, skipped layers, fallback flag) used by :func:`dnateq.report`.
+
+    Raises:
+        ValueError / TypeError / RuntimeError with a clear message for bad
+        input (no quantizable layer, empty loader, non-finite activations, a
+        batch the model cannot take); the caller's model is then unchanged.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"dnateq.quantize: model must be an nn.Module, got {type(model).__name__}")
+    config = QuantizeConfig(
+        eval_fn=eval_fn, max_loss=max_loss, bits=bits, search=search, rounding=rounding,
+        first_layer_divisor=first_layer_divisor, act_threshold_scale=act_threshold_scale,
+        threshold_step=threshold_step, max_threshold=max_threshold, rss_normalize=rss_normalize,
+        calib_batches=calib_batches, eval_batches=eval_batches, sample_size=sample_size,
+        layers=layers, skip=skip, inplace=inplace, mode=mode, progress=progress, seed=seed,
+        method=method, passes=passes).validated()
+    return calibrate(model, loader, config)
+
+
+def calibrate(model: nn.Module, loader: Iterable, config: QuantizeConfig) -> nn.Module:
+    """:func:`quantize` with its options as a validated :class:`QuantizeConfig`:
+    the paper's steps, top-down. The caller's model is never touched before
+    success (all work happens on a copy)."""
+    work = copy.deepcopy(model)
+    was_training = model.training
+    work.eval()
+    clock = [time.perf_counter()]
+    # 1. Layers: MultiheadAttention -> explicit projections; candidates.
+    mha_names, cands, skipped = select_layers(work, config.layers, config.skip)
+    # 2. Bounded traces (plus held-out batches for the proxy).
+    held = int(config.eval_batches) if config.eval_fn is None else 0
+    tr = trace_layers(work, cands, loader, calib_batches=config.calib_batches,
+                      sample_size=config.sample_size, seed=config.seed,
+                      progress=config.progress, keep_inputs=held, extra_inputs=held)
+    names = executed_layers(tr, cands, skipped)
+    state = Calibration(work, config, names, tr, skipped, mha_names)
+    run_passes(BEFORE_FIT, state)
+    clock.append(time.perf_counter())
+    # 3. Per-layer tables: every candidate n, each tensor sorted once.
+    state.tables = fit_layers(work, names, tr.traces, config)
+    tr.traces.clear()
+    clock.append(time.perf_counter())
+    # 4. Bit allocation over cached quantized layers, judged by eval_fn or the proxy.
+    build = LayerCache({n: get_module(work, n) for n in names}, state.tables,
+                       rounding=config.rounding, mode="lut" if config.mode == "count" else config.mode,
+                       first=names[0], after_build=state.after_build_hooks())
+    quality = Quality(work, config.eval_fn, tr.extra or tr.kept)
+    search = LayerSearch(work, names, state.tables, config.bits, build, quality)
+    alloc = STRATEGIES[config.method](search, config)
+    for n in names:
+        get_module(work, n).mode = config.mode
+    clock.append(time.perf_counter())
+    info = _record(state, search, alloc, clock)
+    return deliver(work, model, config.inplace, was_training, mha_names, names, "dnateq_info", info)
+
+
+def _record(state: Calibration, search: LayerSearch, alloc: Allocation, clock) -> Dict[str, Any]:
+    """``dnateq_info``: the calibration record :func:`dnateq.report` reads."""
+    c = state.config
+    return dict(
+        # wall-clock seconds per phase (the search includes building the
+        # quantized layers and every evaluation)
+        timing=dict(trace=clock[1] - clock[0], tables=clock[2] - clock[1],
+                    search=clock[3] - clock[2], total=clock[3] - clock[0]),
+        base_quality=search.base, quality=alloc.quality, loss=search.base - alloc.quality,
+        threshold=alloc.threshold, fallback=alloc.fallback, metric=search.quality.metric,
+        history=alloc.history, skipped=state.skipped, order=list(state.names),
+        first_layer=state.names[0],
+        tables={n: dict(start=t["start"], rss_w=t["rss_w"], rss_a=t["rss_a"],
+                        a_signed=t["a_signed"], rows={b: dict(r) for b, r in t["rows"].items()})
+                for n, t in state.tables.items()},
+        mha_replaced=list(state.mha_names),
+        options=dict(max_loss=c.max_loss, bits=list(c.bits), search=c.search,
+                     rounding=c.rounding, first_layer_divisor=c.first_layer_divisor,
+                     act_threshold_scale=c.act_threshold_scale,
+                     threshold_step=c.threshold_step, max_threshold=c.max_threshold,
+                     rss_normalize=c.rss_normalize, calib_batches=c.calib_batches,
+                     mode=c.mode, seed=c.seed),
+        **alloc.record,
+    )
