@@ -59,7 +59,7 @@ def exp_linear_count(a_codes: torch.Tensor, w_codes: torch.Tensor, alpha: float,
     (SPEC section 9; docs/FORMAT.md).
     """
     return _ops.exp_linear_count(a_codes, w_codes, alpha, sa, ba, sw, bw, bits, bias,
-                                 counter_bits, w_terms, w_scale, w_offset)
+                                 counter_bits, w_terms, *_channel(w_scale, w_offset))
 
 
 def exp_conv2d_count(a_codes: torch.Tensor, w_codes: torch.Tensor, alpha: float,
@@ -74,7 +74,7 @@ def exp_conv2d_count(a_codes: torch.Tensor, w_codes: torch.Tensor, alpha: float,
     ``w_scale``/``w_offset``: per-output-channel weight parameters (float32 ``[O]``)."""
     return _ops.exp_conv2d_count(a_codes, w_codes, alpha, sa, ba, sw, bw, bits, bias,
                                  _pair(stride), _pair(padding), _pair(dilation), groups,
-                                 counter_bits, w_terms, w_scale, w_offset)
+                                 counter_bits, w_terms, *_channel(w_scale, w_offset))
 
 
 def exp_linear_lut(x: torch.Tensor, w_packed: torch.Tensor, w_shape: Sequence[int],
@@ -87,7 +87,7 @@ def exp_linear_lut(x: torch.Tensor, w_packed: torch.Tensor, w_shape: Sequence[in
     weights through their level tables, and run a native matmul. Output dtype = x.dtype.
     ``w_scale``/``w_offset``: per-output-channel weight parameters (float32 ``[N]``)."""
     return _ops.exp_linear_lut(x, w_packed, list(w_shape), alpha, sa, ba, sw, bw, bits,
-                               a_signed, w_signed, rounding, bias, w_scale, w_offset)
+                               a_signed, w_signed, rounding, bias, *_channel(w_scale, w_offset))
 
 
 def exp_conv2d_lut(x: torch.Tensor, w_packed: torch.Tensor, w_shape: Sequence[int],
@@ -100,7 +100,8 @@ def exp_conv2d_lut(x: torch.Tensor, w_packed: torch.Tensor, w_shape: Sequence[in
     """Fast path for conv2d on packed weights (see :func:`exp_linear_lut`)."""
     return _ops.exp_conv2d_lut(x, w_packed, list(w_shape), alpha, sa, ba, sw, bw, bits,
                                a_signed, w_signed, rounding, bias, _pair(stride),
-                               _pair(padding), _pair(dilation), groups, w_scale, w_offset)
+                               _pair(padding), _pair(dilation), groups,
+                               *_channel(w_scale, w_offset))
 
 
 def exp_fit(x: torch.Tensor, bits: int, search: str = "golden", rounding: str = "nearest",
@@ -166,6 +167,15 @@ def weight_terms(w_codes: torch.Tensor, bits: int) -> torch.Tensor:
     out.scatter_add_(1, mag, sign)
     out[:, 0] = 0
     return out
+
+
+def _channel(w_scale, w_offset) -> tuple:
+    """The appended per-channel arguments, left out when both are None (the
+    schema defaults): the per-tensor call is the one of before, which an
+    extension built before them still accepts."""
+    if w_scale is None and w_offset is None:
+        return ()
+    return (w_scale, w_offset)
 
 
 def _pair(v) -> list:
