@@ -69,7 +69,7 @@ setup(
                 "exponential-domain dot products (PyTorch C++/CUDA extension)",
     package_dir={"": "python"},
     packages=find_packages("python"),
-    package_data={"dnateq": ["py.typed"]},
+    package_data={"dnateq": ["py.typed", "hw/paper_networks.json"]},
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension},
     python_requires=">=3.9",
