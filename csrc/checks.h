@@ -4,6 +4,7 @@
 
 #include <ATen/ATen.h>
 #include <c10/util/Optional.h>
+#include <c10/util/safe_numerics.h>
 
 #include <cmath>
 #include <string>
@@ -93,10 +94,21 @@ inline std::pair<int64_t, int64_t> check_conv_geometry(
   TORCH_CHECK(in[1] % groups == 0 && w[0] % groups == 0 && w[1] * groups == in[1],
               "dnateq: ", w_name, " ", w, " does not match ", in_name,
               " channels ", in[1], " with groups=", groups);
-  const int64_t Ho =
-      (in[2] + 2 * padding[0] - dilation[0] * (w[2] - 1) - 1) / stride[0] + 1;
-  const int64_t Wo =
-      (in[3] + 2 * padding[1] - dilation[1] * (w[3] - 1) - 1) / stride[1] + 1;
+  // (in + 2*pad - dil*(k-1) - 1) / stride + 1, refusing geometry whose
+  // intermediate terms overflow int64 instead of wrapping to garbage.
+  int64_t out[2];
+  for (int d = 0; d < 2; ++d) {
+    int64_t padded, span, num;
+    const bool overflow = c10::mul_overflows(padding[d], int64_t{2}, &padded) ||
+                          c10::add_overflows(padded, in[2 + d], &padded) ||
+                          c10::mul_overflows(dilation[d], w[2 + d] - 1, &span) ||
+                          c10::add_overflows(padded, -span, &num);
+    TORCH_CHECK(!overflow, "dnateq: conv geometry overflows int64: ", in_name,
+                " size ", in[2 + d], ", kernel ", w[2 + d], ", padding ", padding[d],
+                ", dilation ", dilation[d]);
+    out[d] = num > 0 ? (num - 1) / stride[d] + 1 : 0;
+  }
+  const int64_t Ho = out[0], Wo = out[1];
   TORCH_CHECK(Ho > 0 && Wo > 0, "dnateq: ", in_name, " spatial size (", in[2],
               ", ", in[3], ") is too small for kernel (", w[2], ", ", w[3],
               ") with padding ", padding, " and dilation ", dilation);

@@ -222,6 +222,15 @@ at::Tensor exp_conv2d_lut(const at::Tensor& x, const at::Tensor& w_packed,
                                    rounding, bias, O, w_scale, w_offset);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::ScalarType dt = x.scalar_type();
+  if (O == 0 || K == 0) {
+    // No output channels, or empty dot products (the output is the bias).
+    const auto [Ho, Wo] = check_conv_geometry(x.sizes(), w_shape, stride, padding, dilation,
+                                              groups, "x", "w_shape");
+    detail::fake_quantize(x, A.ta, dt);
+    at::Tensor y = at::zeros({x.size(0), O, Ho, Wo}, x.options().dtype(at::kFloat));
+    if (A.bias.defined()) y.add_(A.bias.view({1, O, 1, 1}));
+    return y.to(dt);
+  }
   const at::Tensor xq = detail::fake_quantize(x, A.ta, dt);  // keeps channels-last
   const at::Tensor wq =
       (A.wc.defined()

@@ -154,8 +154,8 @@ def _opcheck_samples():
     ]
 
 
-# test_autograd_registration is not applicable: the ops are not differentiable
-# (integer codes) and register no autograd kernel.
+# No input here requires grad; tests/test_autograd.py runs opcheck's
+# test_autograd_registration and the AOT backward with inputs that do.
 OPCHECK_UTILS = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
 
 

@@ -8,6 +8,7 @@
 // every path decodes weight row n through its own field table, built from
 // (alpha, w_scale[n], w_offset[n]) exactly as the per-tensor table is.
 #include <ATen/Parallel.h>
+#include <c10/util/accumulate.h>
 
 #include <algorithm>
 #include <vector>
@@ -161,7 +162,16 @@ at::Tensor exp_linear_lut(const at::Tensor& x, const at::Tensor& w_packed,
   const RowTables T(A.tw, w_signed, A.wc, alpha);
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = N;
-  const at::Tensor xq = detail::fake_quantize_to_float(x, A.ta, "x").reshape({-1, K});
+  const int64_t M = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
+  if (K == 0 || N == 0) {
+    // Empty dot products: the output is the bias (or zeros); x is still checked.
+    detail::fake_quantize_to_float(x, A.ta, "x");
+    at::Tensor y = at::zeros({M, N}, x.options().dtype(at::kFloat));
+    if (A.bias.defined()) y.add_(A.bias);
+    y = y.reshape(out_shape);
+    return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+  }
+  const at::Tensor xq = detail::fake_quantize_to_float(x, A.ta, "x").reshape({M, K});
   at::Tensor y;
   if (xq.size(0) <= kGemvMaxRows && K > 0) {
     y = fused_gemv(xq, w_packed.contiguous(), N, K, T, A.bias);
@@ -192,6 +202,15 @@ at::Tensor exp_conv2d_lut(const at::Tensor& x, const at::Tensor& w_packed,
   const int64_t O = w_shape[0], K = w_shape[1] * w_shape[2] * w_shape[3];
   const LutArgs A = check_lut_args(x, w_packed, O, K, alpha, sa, ba, sw, bw, bits, w_signed,
                                    rounding, bias, O, w_scale, w_offset);
+  if (O == 0 || K == 0) {
+    // No output channels, or empty dot products (the output is the bias).
+    const auto [Ho, Wo] = check_conv_geometry(x.sizes(), w_shape, stride, padding, dilation,
+                                              groups, "x", "w_shape");
+    detail::fake_quantize_to_float(x, A.ta, "x");
+    at::Tensor y = at::zeros({x.size(0), O, Ho, Wo}, x.options().dtype(at::kFloat));
+    if (A.bias.defined()) y.add_(A.bias.view({1, O, 1, 1}));
+    return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+  }
   const RowTables T(A.tw, w_signed, A.wc, alpha);
   const at::Tensor xq = detail::fake_quantize_to_float(x, A.ta, "x");
   const at::Tensor wq = decode_weight(w_packed, O, K, T).reshape(w_shape);

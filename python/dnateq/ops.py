@@ -7,6 +7,7 @@ same signatures.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -148,7 +149,8 @@ def weight_terms(w_codes: torch.Tensor, bits: int) -> torch.Tensor:
 
     Returns ``int32 [rows, 2^bits]``: entry ``[r, b]`` is the sum over the row's
     inputs of ``sign(w)`` where the weight's biased exponent is ``b`` (b >= 1;
-    column 0 is 0). Rows are ``w_codes.reshape(w_codes.shape[0], -1)``.
+    column 0 is 0). Rows are ``w_codes.reshape(w_codes.shape[0], -1)`` (a 0-d
+    tensor is one row of one element; zero rows or zero inputs are fine).
     These are C2 (and, summed, C4) for an all-nonzero unsigned activation; the
     count ops subtract the contributions of zero activations at run time.
     """
@@ -156,7 +158,11 @@ def weight_terms(w_codes: torch.Tensor, bits: int) -> torch.Tensor:
         raise TypeError(f"dnateq: w_codes must be int8 codes, got {w_codes.dtype}")
     if not 2 <= int(bits) <= 7:
         raise ValueError(f"dnateq: bits must be in [2, 7], got {bits}")
-    w = w_codes.reshape(w_codes.shape[0], -1)
+    if w_codes.dim() == 0:   # one row of one element, as in the packed layout
+        rows, k = 1, 1
+    else:
+        rows, k = w_codes.shape[0], math.prod(w_codes.shape[1:])
+    w = w_codes.reshape(rows, k)
     u = w.to(torch.int16) & 0xFF
     mag = (u & 0x7F).to(torch.int64)
     if bool((mag >= (1 << bits)).any()):
@@ -185,3 +191,159 @@ def _pair(v) -> list:
     if len(v) == 1:
         return [v[0], v[0]]
     return v
+
+
+# ---------------------------------------------------------------------------
+# Autograd (issue 14 item 4)
+# ---------------------------------------------------------------------------
+#
+# The LUT and count ops are differentiable for fine-tuning with the quantized
+# layers in place:
+#
+# - bias: the exact gradient (the output is bias + something independent of it).
+# - x (LUT ops): a straight-through estimator. The activation quantizer is
+#   treated as the identity, so dL/dx = dL/dy @ W_hat for a linear and the
+#   transposed convolution with W_hat for a conv, where W_hat is the dequantized
+#   weight the op computes with (the one ``dequantized_weight()`` returns). The
+#   true derivative of a step function is zero almost everywhere, so this is an
+#   estimator by design: torch.autograd.gradcheck applies to the bias, and the
+#   x gradient equals that of F.linear / F.conv2d on W_hat.
+# - codes (count ops): integers, no gradient. The modules apply the same
+#   straight-through estimator around their quantize-then-count path.
+# - weights: w_packed/w_codes are integer codes and the parameters are Python
+#   floats, so the weights are frozen; asking for a gradient of a per-channel
+#   parameter tensor (w_scale / w_offset) raises.
+#
+# Registered with torch.library.register_autograd, so it also holds under
+# torch.compile and torch.export (the backward calls registered ops and
+# native ones only).
+
+def dequantized_weight(w_packed: torch.Tensor, w_shape: Sequence[int], alpha: float,
+                       sw: float, bw: float, bits: int, w_signed: bool,
+                       w_scale: Optional[torch.Tensor] = None,
+                       w_offset: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The float32 weight ``W_hat`` a LUT op computes with (per-tensor ``sw``/``bw``,
+    or per-output-channel ``w_scale``/``w_offset`` when given)."""
+    codes = exp_unpack(w_packed, bits, w_signed, w_shape)
+    if w_scale is None and w_offset is None:
+        return exp_dequantize(codes, alpha, sw, bw, bits)
+    from .reference import dequantize_channels   # the levels every op computes with
+    return dequantize_channels(codes, alpha, w_scale.detach(), w_offset.detach(), bits)
+
+
+def _no_param_grads(name: str, inputs, first: int) -> None:
+    for t in inputs[first:]:
+        if isinstance(t, torch.Tensor) and t.requires_grad:
+            raise RuntimeError(f"dnateq: {name} has no gradient for its weight parameters "
+                               "(w_scale / w_offset / layouts are frozen); detach them")
+
+
+def _bias_grad(grad: torch.Tensor, bias: Optional[torch.Tensor], dims) -> Optional[torch.Tensor]:
+    if bias is None or not bias.requires_grad:
+        return None
+    return grad.float().sum(dim=dims).to(bias.dtype)
+
+
+def _setup_lut(ctx, inputs, output, conv: bool) -> None:
+    x, w_packed, w_shape, alpha, sa, ba, sw, bw, bits, a_signed, w_signed = inputs[:11]
+    bias = inputs[12]
+    name = "exp_conv2d_lut" if conv else "exp_linear_lut"
+    _no_param_grads(name, inputs, 17 if conv else 13)
+    extra = inputs[17:19] if conv else inputs[13:15]
+    w_scale = extra[0] if len(extra) > 0 else None
+    w_offset = extra[1] if len(extra) > 1 else None
+    ctx.n_inputs = len(inputs)
+    ctx.need_x = x.requires_grad
+    ctx.x_shape, ctx.x_dtype = tuple(x.shape), x.dtype
+    ctx.bias = bias is not None and bias.requires_grad
+    ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.wargs = (w_shape, alpha, sw, bw, bits, w_signed)
+    ctx.geometry = tuple(inputs[13:17]) if conv else None
+    ctx.save_for_backward(w_packed if ctx.need_x else None,
+                          w_scale if ctx.need_x else None, w_offset if ctx.need_x else None)
+
+
+def _lut_backward(ctx, grad):
+    grads = [None] * ctx.n_inputs
+    w_packed, w_scale, w_offset = ctx.saved_tensors
+    conv = ctx.geometry is not None
+    if ctx.need_x:
+        w_shape, alpha, sw, bw, bits, w_signed = ctx.wargs
+        w_hat = dequantized_weight(w_packed, w_shape, alpha, sw, bw, bits, w_signed,
+                                   w_scale, w_offset)
+        g = grad.float()
+        if conv:
+            stride, padding, dilation, groups = ctx.geometry
+            gx = torch.nn.grad.conv2d_input(list(ctx.x_shape), w_hat, g, list(stride),
+                                            list(padding), list(dilation), groups)
+        else:
+            gx = (g.reshape(-1, g.shape[-1]) @ w_hat).reshape(ctx.x_shape)
+        grads[0] = gx.to(ctx.x_dtype)
+    if ctx.bias:
+        dims = (0, 2, 3) if conv else tuple(range(grad.dim() - 1))
+        grads[12] = grad.float().sum(dim=dims).to(ctx.bias_dtype)
+    return tuple(grads)
+
+
+def _setup_count(ctx, inputs, output, conv: bool) -> None:
+    bias = inputs[8]
+    name = "exp_conv2d_count" if conv else "exp_linear_count"
+    _no_param_grads(name, inputs, 15 if conv else 11)
+    ctx.n_inputs = len(inputs)
+    ctx.conv = conv
+    ctx.bias = bias is not None and bias.requires_grad
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _count_backward(ctx, grad):
+    grads = [None] * ctx.n_inputs
+    if ctx.bias:
+        dims = (0, 2, 3) if ctx.conv else tuple(range(grad.dim() - 1))
+        grads[8] = grad.float().sum(dim=dims).to(ctx.bias_dtype)
+    return tuple(grads)
+
+
+torch.library.register_autograd(
+    "dnateq::exp_linear_lut", _lut_backward,
+    setup_context=lambda ctx, inputs, output: _setup_lut(ctx, inputs, output, False))
+torch.library.register_autograd(
+    "dnateq::exp_conv2d_lut", _lut_backward,
+    setup_context=lambda ctx, inputs, output: _setup_lut(ctx, inputs, output, True))
+torch.library.register_autograd(
+    "dnateq::exp_linear_count", _count_backward,
+    setup_context=lambda ctx, inputs, output: _setup_count(ctx, inputs, output, False))
+torch.library.register_autograd(
+    "dnateq::exp_conv2d_count", _count_backward,
+    setup_context=lambda ctx, inputs, output: _setup_count(ctx, inputs, output, True))
+
+
+class _StraightThrough(torch.autograd.Function):
+    """``y`` forward; backward passes ``dL/dy`` on to ``y`` (bias gradients) and the
+    straight-through ``dL/dx`` through ``W_hat`` to ``x``: the modules' count and
+    fake paths, whose input goes through the (non-differentiable) quantizer."""
+
+    @staticmethod
+    def forward(ctx, y, x, w_hat, geometry):
+        ctx.save_for_backward(w_hat)
+        ctx.geometry, ctx.x_shape, ctx.x_dtype = geometry, tuple(x.shape), x.dtype
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (w_hat,) = ctx.saved_tensors
+        g = grad.float()
+        if ctx.geometry is None:
+            gx = (g.reshape(-1, g.shape[-1]) @ w_hat).reshape(ctx.x_shape)
+        else:
+            stride, padding, dilation, groups = ctx.geometry
+            gx = torch.nn.grad.conv2d_input(list(ctx.x_shape), w_hat, g, list(stride),
+                                            list(padding), list(dilation), groups)
+        return grad, gx.to(ctx.x_dtype), None, None
+
+
+def straight_through(y: torch.Tensor, x: torch.Tensor, w_hat, geometry=None) -> torch.Tensor:
+    """Attach the straight-through gradient of ``x`` (through ``w_hat()``, called only
+    when a gradient is recorded) to ``y``; identity when no gradient is needed."""
+    if not (torch.is_grad_enabled() and isinstance(x, torch.Tensor) and x.requires_grad):
+        return y
+    return _StraightThrough.apply(y, x, w_hat(), geometry)

@@ -498,8 +498,8 @@ def _check_bias(bias, n_out):
                         f"{getattr(bias, 'dtype', type(bias).__name__)}")
     if list(bias.shape) != [n_out]:
         raise ValueError(f"dnateq: bias must have shape [{n_out}], got {list(bias.shape)}")
-    b = bias.detach().cpu().to(torch.float64)
-    if not bool(torch.isfinite(b).all()):
+    b = bias.cpu().to(torch.float64)   # not detached: the bias gradient is exact
+    if not bool(torch.isfinite(b.detach()).all()):
         raise ValueError("dnateq: bias contains non-finite values (NaN or Inf)")
     return b
 
@@ -705,6 +705,13 @@ def exp_conv2d_lut(x: torch.Tensor, w_packed: torch.Tensor, w_shape: Sequence[in
     b32 = _check_bias(bias, w_shape[0])
     w_hat = _lut_weights(w_packed, w_shape, alpha, sw, bw, bits, w_signed, wc)
     a_hat = _fake_quant_act(x, alpha, sa, ba, bits, rounding).cpu()
+    if w_hat.numel() == 0:   # no output channels or empty dot products: the bias
+        ho, wo = (_conv_out_size(x.shape[2 + d], w_shape[2 + d], stride[d], padding[d],
+                                 dilation[d]) for d in range(2))
+        y = torch.zeros(x.shape[0], w_shape[0], ho, wo)
+        if b32 is not None:
+            y = y + b32.to(torch.float32).view(1, -1, 1, 1)
+        return y.to(x.dtype).to(x.device)
     y = F.conv2d(a_hat, w_hat.cpu(), None if b32 is None else b32.to(torch.float32),
                  stride, padding, dilation, int(groups))
     return y.to(x.dtype).to(x.device)

@@ -33,6 +33,13 @@ where to fold it lives in the calibration (it is not done here).
 The floating buffers (``bias``, ``w_scale``, ``w_offset``, ``smooth``) stay
 float32 whatever ``.double()``/``.half()`` does to the model.
 
+Gradients (for fine-tuning with the quantized layers in place): every mode
+gives the input a straight-through estimate (the activation quantizer treated
+as the identity: ``dL/dx = dL/dy @ W_hat``, the transposed conv for convs, with
+``W_hat = dequantized_weight()``) and the bias (a float buffer; call
+``layer.bias.requires_grad_()``) its exact gradient. The weights are codes and
+stay frozen. See :mod:`dnateq.ops` ("Autograd").
+
 A layer is *unsigned* (``a_signed=False``) when its calibration trace had no
 negative input (post-ReLU); a negative input at run time is still computed
 exactly (the operators detect it and count directly).
@@ -111,6 +118,16 @@ class _ExpBase(nn.Module):
     """Shared state and helpers of the quantized layers."""
 
     _kind = "?"
+
+    # ``mode`` is checked whenever it is set, also after construction (a typo
+    # must not silently run another path).
+    @property
+    def mode(self) -> str:
+        return self._mode
+
+    @mode.setter
+    def mode(self, value: str) -> None:
+        self._mode = _check_mode(value)
 
     def _init_common(self, weight: torch.Tensor, bias: Optional[torch.Tensor], bits: int,
                      w_params, a_params, a_signed: bool, rounding: str, mode: str,
@@ -310,10 +327,12 @@ class ExpLinear(_ExpBase):
             y = ops.exp_linear_count(a, self.w_codes(), self.alpha, self.sa, self.ba, self.sw,
                                      self.bw, self.bits, self.bias, self.counter_bits,
                                      self._count_terms(), **pc)
+            y = ops.straight_through(y, x, self.dequantized_weight)
         else:
             y = _ref.exp_linear_lut(x, self.w_packed, self.w_shape, self.alpha, self.sa,
                                     self.ba, self.sw, self.bw, self.bits, self.a_signed,
                                     self.w_signed, self.rounding, self.bias, **pc)
+            y = ops.straight_through(y, x, self.dequantized_weight)
         return y.to(dt)
 
 
@@ -404,11 +423,15 @@ class ExpConv2d(_ExpBase):
                                      self.bw, self.bits, self.bias, self.stride, pad,
                                      self.dilation, self.groups, self.counter_bits,
                                      self._count_terms(), **pc)
+            y = ops.straight_through(y, x, self.dequantized_weight,
+                                     (self.stride, pad, self.dilation, self.groups))
         else:
             y = _ref.exp_conv2d_lut(x, self.w_packed, self.w_shape, self.alpha, self.sa,
                                     self.ba, self.sw, self.bw, self.bits, self.a_signed,
                                     self.w_signed, self.rounding, self.bias, self.stride, pad,
                                     self.dilation, self.groups, **pc)
+            y = ops.straight_through(y, x, self.dequantized_weight,
+                                     (self.stride, pad, self.dilation, self.groups))
         return y.to(dt)
 
     def _smooth_len(self) -> int:
