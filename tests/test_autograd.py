@@ -220,3 +220,48 @@ def test_compiled_module_backward_matches_eager():
     torch.compile(q, backend="aot_eager", fullgraph=True)(x2).sum().backward()
     torch.testing.assert_close(x2.grad, gx)
     torch.testing.assert_close(q.bias.grad, gb)
+
+
+def test_per_channel_ste_uses_the_per_channel_weight():
+    """With w_scale/w_offset the straight-through gradient goes through the
+    per-channel dequantized weight; a gradient of w_scale/w_offset is refused."""
+    from dnateq import reference as ref
+    g = gen(11)
+    w = random_codes((5, 7), BITS, g)
+    wp = dnateq.exp_pack(w, BITS, True)
+    ws = (torch.rand(5, generator=g) * 0.2 + 0.1)
+    wo = torch.randn(5, generator=g) * 0.01
+    x = make_data((3, 7), g).requires_grad_()
+    bias = torch.randn(5, generator=g).requires_grad_()
+    y = dnateq.exp_linear_lut(x, wp, [5, 7], *P, BITS, True, True, "nearest", bias,
+                              w_scale=ws, w_offset=wo)
+    gy = torch.randn(y.shape, generator=g)
+    y.backward(gy)
+    w_hat = ref.dequantize_channels(w, P[0], ws, wo, BITS)
+    torch.testing.assert_close(x.grad, gy @ w_hat)
+    torch.testing.assert_close(bias.grad, gy.sum(0))
+    with pytest.raises(RuntimeError, match="no gradient for its weight parameters"):
+        dnateq.exp_linear_lut(x, wp, [5, 7], *P, BITS, True, True, "nearest", bias,
+                              w_scale=ws.clone().requires_grad_(), w_offset=wo)
+    a = random_codes((3, 7), BITS, g)
+    with pytest.raises(RuntimeError, match="no gradient for its weight parameters"):
+        dnateq.exp_linear_count(a, w, *P, BITS, bias, w_scale=ws, w_offset=wo.clone()
+                                .requires_grad_())
+
+
+@pytest.mark.parametrize("mode", ["lut", "count", "fake"])
+def test_per_channel_module_grads(mode):
+    torch.manual_seed(2)
+    g = gen(12)
+    lin = nn.Linear(6, 4)
+    alpha = 1.2
+    S = torch.rand(4, generator=g) * 0.05 + 0.02
+    q = ExpLinear.from_float(lin, BITS, w_params=(alpha, S, torch.zeros(4)),
+                             a_params=(alpha, 0.05, 0.0), mode=mode)
+    assert q.per_channel
+    q.bias.requires_grad_()
+    x = make_data((3, 6), g).requires_grad_()
+    gy = torch.randn(3, 4, generator=g)
+    q(x).backward(gy)
+    torch.testing.assert_close(x.grad, gy @ q.dequantized_weight(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(q.bias.grad, gy.sum(0))
