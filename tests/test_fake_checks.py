@@ -122,6 +122,11 @@ def _cases():
         "errors_lengths": (ops.exp_errors.default, (x, [1.3, 1.2], [0.1], [0.0], B,
                                                      "nearest")),
         "errors_alpha_le_1": (ops.exp_errors.default, (x, [1.0], [0.1], [0.0], B, "nearest")),
+        "fits_no_bits": (ops.exp_fits.default, (x, [], "golden", "nearest", None)),
+        "fits_bad_bits": (ops.exp_fits.default, (x, [3, 8], "golden", "nearest", None)),
+        "fits_bad_search": (ops.exp_fits.default, (x, [3], "grid", "nearest", None)),
+        "fits_alpha_count": (ops.exp_fits.default, (x, [3, 4], "golden", "nearest", [1.2])),
+        "fits_int_input": (ops.exp_fits.default, (codes, [3], "golden", "nearest", None)),
         "errors_int_input": (ops.exp_errors.default, (codes, [1.3], [0.1], [0.0], B,
                                                        "nearest")),
     }

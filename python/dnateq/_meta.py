@@ -107,8 +107,19 @@ def _errors(x, alpha, scale, offset, bits, rounding="nearest"):
 
 @_register("exp_fits")
 def _fits(x, bits, search="golden", rounding="nearest", alpha=None):
+    C._check(len(bits) > 0, "dnateq: bits must list at least one bit width")
     for b in bits:
-        _check_bits(b)
+        C.check_bits(b)
+    C.parse_rounding(rounding)
+    C._check(search in ("golden", "paper"),
+             lambda: f'dnateq: search must be "golden" or "paper", got "{search}"')
+    if alpha is not None:
+        C._check(len(alpha) == len(bits),
+                 lambda: f"dnateq: alpha must have one value per bit width, got {len(alpha)} "
+                         f"values for {len(bits)} bit widths")
+        for a in alpha:
+            C.check_alpha(a)
+    C.check_float_input(x, "x")
     return x.new_empty((len(bits), 4), dtype=torch.float64, device="cpu")
 
 
