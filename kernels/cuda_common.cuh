@@ -92,6 +92,32 @@ class DeviceFlag {
   at::Tensor t_;
 };
 
+// Non-finite check of the LUT ops (SPEC section 1; the CPU always raises):
+// the kernel that reads x sets the flag, and check() reads it once after the
+// launches (one host synchronization) and raises with the CPU's message.
+// While the current stream is being captured into a CUDA graph the flag
+// cannot be read: ptr() is then null, the kernels skip the flag, and the
+// captured op does not check (the eager calls before capture did).
+class FiniteCheck {
+ public:
+  explicit FiniteCheck(const at::Tensor& like) {
+    cudaStreamCaptureStatus st = cudaStreamCaptureStatusNone;
+    C10_CUDA_CHECK(cudaStreamIsCapturing(at::cuda::getCurrentCUDAStream(), &st));
+    if (st == cudaStreamCaptureStatusNone) {
+      t_ = at::zeros({1}, like.options().dtype(at::kInt));
+    }
+  }
+  int* ptr() { return t_.defined() ? t_.data_ptr<int>() : nullptr; }
+  void check(const char* arg) const {
+    if (!t_.defined()) return;
+    TORCH_CHECK(t_.item<int>() == 0, "dnateq: ", arg,
+                " contains non-finite values (NaN or Inf)");
+  }
+
+ private:
+  at::Tensor t_;
+};
+
 // ---------------------------------------------------------------------------
 // Device helpers.
 
@@ -164,16 +190,17 @@ at::Tensor aligned_packed(const at::Tensor& packed);
 
 // Quantize-dequantize ("fake quant") of a float tensor through the tables:
 // out = sign(x) * levels[biased(|x|)] (0 for x == 0), in dtype out_dtype.
-// Non-finite values pass through unchanged (they reach the output as
-// NaN/Inf; no host synchronization). The result keeps x's dense layout
-// (contiguous or channels-last).
+// Non-finite values pass through unchanged and, when bad_flag is given, set
+// it (atomicOr 1): the caller reads the flag (FiniteCheck) and raises as the
+// CPU does. The result keeps x's dense layout (contiguous or channels-last).
 at::Tensor fake_quantize(const at::Tensor& x, const ExpTables& t,
-                         at::ScalarType out_dtype);
+                         at::ScalarType out_dtype, int* bad_flag = nullptr);
 
 // Fake quant of x viewed as [M, K] into a zero-padded float32 [M, Kp]
-// buffer (Kp = K rounded up to 32), for the fused GEMV.
+// buffer (Kp = K rounded up to 32), for the fused GEMV; bad_flag as above.
 at::Tensor fake_quantize_padded_f32(const at::Tensor& x, const ExpTables& t,
-                                    int64_t M, int64_t K, int64_t Kp);
+                                    int64_t M, int64_t K, int64_t Kp,
+                                    int* bad_flag = nullptr);
 
 // Unpack + dequantize packed rows [rows, row_bytes] to [rows, K] in dtype.
 at::Tensor decode_packed(const at::Tensor& packed, int64_t rows, int64_t K,

@@ -1,19 +1,32 @@
 // The fast ("lut") path on CUDA (SPEC section 4): quantize-dequantize the
 // float activations through the layer's thresholds and levels, dequantize the
-// packed weights through a field -> level table, and call the native matmul /
-// convolution (cuBLAS / cuDNN) in x.dtype (fp32, fp16 or bf16).
+// packed weights through a field -> level table, multiply, and round the
+// result to x.dtype once.
 //
-// For a few rows (M <= 8, the memory-bound decoding case) exp_linear_lut uses
-// a fused dequantize-GEMV kernel that reads the packed weights directly:
-// one warp per output row n, 8 warps per block. 32 fields of b bits fill
-// exactly b 32-bit words, so lane l takes 32-element chunks c = l, l + 32, ...
-// of the row, loads the chunk's b words (the warp reads 32*b consecutive
-// words per step: coalesced), decodes the 32 fields in registers (b is a
-// template parameter, every shift is a constant) through a shared-memory
-// table, and accumulates against the fake-quantized activations (float32,
-// rows zero-padded to a multiple of 32 so that chunks never need a bound
-// check) for all M rows at once, in float32. A warp shuffle reduction ends
-// each row.
+// Numerics (the same on every backend and at every batch size): x_hat and
+// w_hat are float32 levels, products accumulate in float32, TF32 is never
+// used. fp16/bf16 inputs are not decoded to their own dtype (bf16 levels
+// would lose mantissa bits, fp16 levels above 65504 would be Inf).
+//  - M <= 8 rows: a fused GEMV reads the packed weights directly and
+//    multiplies in float32 (kernels/gemv.cu when its layout conditions hold,
+//    else gemv_kernel below).
+//  - more rows, float32 x: float32 x_hat @ w_hat^T by cuBLAS with TF32 off.
+//  - more rows, fp16/bf16 x: the float32 product emulated on the tensor
+//    cores with three bf16 GEMMs (kernels/gemv.cu, bf16x3_linear): relative
+//    error about 2^-16 per product, far below the output dtype's rounding.
+//  - conv: float32 x_hat and w_hat, at::_convolution with allow_tf32=false.
+// Non-finite activations raise (FiniteCheck, one host synchronization), as
+// on the CPU, except inside CUDA graph capture.
+//
+// The fallback GEMV (gemv_kernel): one warp per output row n, 8 warps per
+// block. 32 fields of b bits fill exactly b 32-bit words, so lane l takes
+// 32-element chunks c = l, l + 32, ... of the row, loads the chunk's b words
+// (the warp reads 32*b consecutive words per step: coalesced), decodes the
+// 32 fields in registers (b is a template parameter, every shift is a
+// constant) through a shared-memory table, and accumulates against the
+// fake-quantized activations (float32, rows zero-padded to a multiple of 32
+// so that chunks never need a bound check) for all M rows at once, in
+// float32. A warp shuffle reduction ends each row.
 //
 // Per-output-channel weight parameters (w_scale/w_offset, SPEC section 9):
 // the weights are decoded with ATen ops into per-row levels
@@ -24,6 +37,7 @@
 
 #include "cuda_common.cuh"
 #include "cuda_ops.h"
+#include "gemv.cuh"
 
 namespace dnateq {
 namespace cuda {
@@ -155,11 +169,6 @@ at::Tensor decode_per_channel(const at::Tensor& w_packed, int64_t rows, int64_t 
   return lv.to(dtype).contiguous();
 }
 
-c10::optional<at::Tensor> bias_as(const at::Tensor& b, at::ScalarType t) {
-  if (!b.defined()) return c10::nullopt;
-  return b.to(t);
-}
-
 }  // namespace
 }  // namespace detail
 
@@ -181,8 +190,12 @@ at::Tensor exp_linear_lut(const at::Tensor& x, const at::Tensor& w_packed,
   for (int64_t d = 0; d + 1 < x.dim(); ++d) M *= x.size(d);
 
   if (M >= 1 && M <= detail::kGemvMaxRows && K > 0 && N > 0 && !A.wc.defined()) {
+    if (detail::gemv2_eligible(x, w_packed, M, N, K, bits, w_signed)) {
+      return detail::gemv2(x, w_packed, M, N, K, A, w_signed).reshape(out_shape);
+    }
     const int64_t Kp = (K + 31) / 32 * 32;
-    const at::Tensor xq = detail::fake_quantize_padded_f32(x, A.ta, M, K, Kp);
+    detail::FiniteCheck finite(x);
+    const at::Tensor xq = detail::fake_quantize_padded_f32(x, A.ta, M, K, Kp, finite.ptr());
     const at::Tensor packed = detail::aligned_packed(w_packed);
     const detail::Lut256 lut = detail::field_lut(A.tw, w_signed);
     const int fb = packed_field_bits(static_cast<int>(bits), w_signed);
@@ -191,18 +204,26 @@ at::Tensor exp_linear_lut(const at::Tensor& x, const at::Tensor& w_packed,
     DNATEQ_DISPATCH_FLOAT(x.scalar_type(), T, [&] {
       detail::launch_gemv<T>(fb, xq, static_cast<int>(M), packed, N, lut, bp, out);
     });
+    finite.check("x");
     return out.reshape(out_shape);
   }
 
-  const at::ScalarType dt = x.scalar_type();
-  const at::Tensor xq = detail::fake_quantize(x, A.ta, dt);
+  // float32 x_hat and w_hat at every batch size (see the file comment).
+  detail::FiniteCheck finite(x);
+  const at::Tensor xq = detail::fake_quantize(x, A.ta, at::kFloat, finite.ptr()).reshape({M, K});
   const at::Tensor wq =
       A.wc.defined()
-          ? detail::decode_per_channel(w_packed, N, K, bits, w_signed, alpha, A.wc, dt)
-          : detail::decode_packed(w_packed, N, K, A.tw, w_signed, dt);
-  const auto b = detail::bias_as(A.bias, dt);
-  at::Tensor y = b.has_value() ? at::linear(xq, wq, *b) : at::linear(xq, wq);
-  return y.reshape(out_shape);
+          ? detail::decode_per_channel(w_packed, N, K, bits, w_signed, alpha, A.wc, at::kFloat)
+          : detail::decode_packed(w_packed, N, K, A.tw, w_signed, at::kFloat);
+  at::Tensor y;
+  if (x.scalar_type() == at::kFloat) {
+    const detail::NoTF32Matmul no_tf32;
+    y = A.bias.defined() ? at::linear(xq, wq, A.bias) : at::linear(xq, wq);
+  } else {
+    y = detail::bf16x3_linear(xq, wq, A.bias);
+  }
+  finite.check("x");
+  return y.to(x.scalar_type()).reshape(out_shape);
 }
 
 at::Tensor exp_conv2d_lut(const at::Tensor& x, const at::Tensor& w_packed,
@@ -222,23 +243,35 @@ at::Tensor exp_conv2d_lut(const at::Tensor& x, const at::Tensor& w_packed,
                                    rounding, bias, O, w_scale, w_offset);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::ScalarType dt = x.scalar_type();
+  auto& ctx = at::globalContext();
+  detail::FiniteCheck finite(x);
   if (O == 0 || K == 0) {
     // No output channels, or empty dot products (the output is the bias).
     const auto [Ho, Wo] = check_conv_geometry(x.sizes(), w_shape, stride, padding, dilation,
                                               groups, "x", "w_shape");
-    detail::fake_quantize(x, A.ta, dt);
+    detail::fake_quantize(x, A.ta, dt, finite.ptr());
     at::Tensor y = at::zeros({x.size(0), O, Ho, Wo}, x.options().dtype(at::kFloat));
     if (A.bias.defined()) y.add_(A.bias.view({1, O, 1, 1}));
+    finite.check("x");
     return y.to(dt);
   }
-  const at::Tensor xq = detail::fake_quantize(x, A.ta, dt);  // keeps channels-last
+  const at::Tensor xq = detail::fake_quantize(x, A.ta, at::kFloat, finite.ptr());  // keeps channels-last
   const at::Tensor wq =
       (A.wc.defined()
-           ? detail::decode_per_channel(w_packed, O, K, bits, w_signed, alpha, A.wc, dt)
-           : detail::decode_packed(w_packed, O, K, A.tw, w_signed, dt))
+           ? detail::decode_per_channel(w_packed, O, K, bits, w_signed, alpha, A.wc, at::kFloat)
+           : detail::decode_packed(w_packed, O, K, A.tw, w_signed, at::kFloat))
           .reshape(w_shape);
-  return at::conv2d(xq, wq, detail::bias_as(A.bias, dt), stride, padding, dilation,
-                    groups);
+  // at::conv2d would let cuDNN use TF32 (allow_tf32 defaults to True for
+  // convolutions): errors of ~3e-4 x max, beyond SPEC section 4's float32
+  // tolerance. _convolution takes allow_tf32 as an argument.
+  const int64_t zero_pad[2] = {0, 0};
+  at::Tensor y = at::_convolution(
+      xq, wq, A.bias.defined() ? c10::optional<at::Tensor>(A.bias) : c10::nullopt, stride,
+      padding, dilation, /*transposed=*/false, zero_pad, groups, ctx.benchmarkCuDNN(),
+      ctx.deterministicCuDNN() || ctx.deterministicAlgorithms(), ctx.userEnabledCuDNN(),
+      /*allow_tf32=*/false);
+  finite.check("x");
+  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }
 
 }  // namespace cuda

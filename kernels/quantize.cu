@@ -111,16 +111,20 @@ __device__ __forceinline__ float fake_quant_one(float v, const float* thr,
 template <typename Tin, typename Tout, int VEC>
 __global__ void __launch_bounds__(kThreads)
     fake_quant_kernel(const Tin* __restrict__ x, Tout* __restrict__ out,
-                      int64_t n, ThresholdArgs thr, LevelArgs levels) {
+                      int64_t n, ThresholdArgs thr, LevelArgs levels,
+                      int* __restrict__ bad_flag) {
   __shared__ float s_thr[kMaxThresholds];
   __shared__ float s_lv[kMaxLevels + 1];
   for (int i = threadIdx.x; i < thr.n_thr; i += blockDim.x) s_thr[i] = thr.thr[i];
   for (int i = threadIdx.x; i <= kMaxLevels; i += blockDim.x) s_lv[i] = levels.lv[i];
   __syncthreads();
   const int n_thr = thr.n_thr;
+  bool bad = false;
   elementwise<VEC>(x, out, n, [&](float v) -> Tout {
+    bad |= !finite_f32(v);
     return from_f32<Tout>(fake_quant_one(v, s_thr, n_thr, s_lv));
   });
+  if (bad_flag != nullptr && bad) atomicOr(bad_flag, 1);
 }
 
 // x viewed as [M, K] -> float32 [M, Kp], columns K..Kp-1 zero.
@@ -128,23 +132,31 @@ template <typename Tin>
 __global__ void __launch_bounds__(kThreads)
     fake_quant_padded_kernel(const Tin* __restrict__ x, float* __restrict__ out,
                              int64_t M, int64_t K, int64_t Kp,
-                             ThresholdArgs thr, LevelArgs levels) {
+                             ThresholdArgs thr, LevelArgs levels,
+                             int* __restrict__ bad_flag) {
   __shared__ float s_thr[kMaxThresholds];
   __shared__ float s_lv[kMaxLevels + 1];
   for (int i = threadIdx.x; i < thr.n_thr; i += blockDim.x) s_thr[i] = thr.thr[i];
   for (int i = threadIdx.x; i <= kMaxLevels; i += blockDim.x) s_lv[i] = levels.lv[i];
   __syncthreads();
   const int64_t total = M * Kp;
+  bool bad = false;
   for (int64_t i = global_thread(); i < total; i += grid_threads()) {
     const int64_t m = i / Kp, k = i - m * Kp;
-    out[i] = k < K ? fake_quant_one(to_f32(x[m * K + k]), s_thr, thr.n_thr, s_lv)
-                   : 0.f;
+    float v = 0.f;
+    if (k < K) {
+      const float xv = to_f32(x[m * K + k]);
+      bad |= !finite_f32(xv);
+      v = fake_quant_one(xv, s_thr, thr.n_thr, s_lv);
+    }
+    out[i] = v;
   }
+  if (bad_flag != nullptr && bad) atomicOr(bad_flag, 1);
 }
 
 template <typename Tin, typename Tout>
 void launch_fake_quant(const at::Tensor& x, at::Tensor& out,
-                       const ThresholdArgs& thr, const LevelArgs& lv) {
+                       const ThresholdArgs& thr, const LevelArgs& lv, int* bad_flag) {
   const int64_t n = x.numel();
   const Tin* xp = x.const_data_ptr<Tin>();
   Tout* op = out.data_ptr<Tout>();
@@ -152,10 +164,12 @@ void launch_fake_quant(const at::Tensor& x, at::Tensor& out,
   constexpr int VEC = 4;
   if (aligned_to(xp, VEC * sizeof(Tin)) && aligned_to(op, VEC * sizeof(Tout))) {
     const int64_t grid = grid_for((n + VEC - 1) / VEC, kThreads);
-    fake_quant_kernel<Tin, Tout, VEC><<<grid, kThreads, 0, stream>>>(xp, op, n, thr, lv);
+    fake_quant_kernel<Tin, Tout, VEC><<<grid, kThreads, 0, stream>>>(xp, op, n, thr, lv,
+                                                                     bad_flag);
   } else {
     const int64_t grid = grid_for(n, kThreads);
-    fake_quant_kernel<Tin, Tout, 1><<<grid, kThreads, 0, stream>>>(xp, op, n, thr, lv);
+    fake_quant_kernel<Tin, Tout, 1><<<grid, kThreads, 0, stream>>>(xp, op, n, thr, lv,
+                                                                   bad_flag);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -164,7 +178,7 @@ void launch_fake_quant(const at::Tensor& x, at::Tensor& out,
 }  // namespace
 
 at::Tensor fake_quantize(const at::Tensor& x_in, const ExpTables& t,
-                         at::ScalarType out_dtype) {
+                         at::ScalarType out_dtype, int* bad_flag) {
   // Keep a dense channels-last input in its layout (cuDNN prefers it).
   const at::Tensor x = x_in.contiguous(x_in.suggest_memory_format());
   at::Tensor out = at::empty_like(x, x.options().dtype(out_dtype));
@@ -173,14 +187,14 @@ at::Tensor fake_quantize(const at::Tensor& x_in, const ExpTables& t,
   const LevelArgs lv = level_args(t);
   DNATEQ_DISPATCH_FLOAT(x.scalar_type(), Tin, [&] {
     DNATEQ_DISPATCH_FLOAT(out_dtype, Tout, [&] {
-      launch_fake_quant<Tin, Tout>(x, out, thr, lv);
+      launch_fake_quant<Tin, Tout>(x, out, thr, lv, bad_flag);
     });
   });
   return out;
 }
 
 at::Tensor fake_quantize_padded_f32(const at::Tensor& x_in, const ExpTables& t,
-                                    int64_t M, int64_t K, int64_t Kp) {
+                                    int64_t M, int64_t K, int64_t Kp, int* bad_flag) {
   const at::Tensor x = x_in.contiguous();
   at::Tensor out = at::empty({M, Kp}, x.options().dtype(at::kFloat));
   if (M * Kp == 0) return out;
@@ -190,7 +204,7 @@ at::Tensor fake_quantize_padded_f32(const at::Tensor& x_in, const ExpTables& t,
   const int64_t grid = grid_for(M * Kp, kThreads);
   DNATEQ_DISPATCH_FLOAT(x.scalar_type(), Tin, [&] {
     fake_quant_padded_kernel<Tin><<<grid, kThreads, 0, stream>>>(
-        x.const_data_ptr<Tin>(), out.data_ptr<float>(), M, K, Kp, thr, lv);
+        x.const_data_ptr<Tin>(), out.data_ptr<float>(), M, K, Kp, thr, lv, bad_flag);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;

@@ -284,3 +284,189 @@ def test_channel_params_bad_input_on_cuda():
     with pytest.raises(RuntimeError, match="bias contains non-finite"):
         dnateq.exp_linear_lut(x, wp, [N, K], 1.3, 0.1, 0.0, 0.1, 0.0, bits, True, True,
                               "nearest", torch.tensor([0.0, float("nan"), 0.0, 0.0], device=DEV))
+
+# --- issue 17: numerics policy, non-finite input, the GEMV redesign -------------
+
+def _lut_layer(M, K, N, bits, signed=True, seed=0, relu=True):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K, generator=g)
+    if relu:
+        x = torch.relu(x)
+    w = torch.randn(N, K, generator=g) / K ** 0.5
+    if not signed:
+        w = w.abs()
+    a, sa, ba = params(x, bits)
+    _, sw, bw = params(w, bits, alpha=a)
+    wp = dnateq.exp_pack(dnateq.exp_quantize(w, a, sw, bw, bits), bits, signed)
+    return x, wp, (a, sa, ba, sw, bw)
+
+
+def _ulps_apart(y, y32, dtype, n=1):
+    """|y - y32| within n ulps of dtype at y32's magnitude."""
+    ulp = torch.finfo(dtype).eps * y32.abs().clamp_min(torch.finfo(dtype).tiny)
+    return bool(((y.float() - y32).abs() <= n * ulp + torch.finfo(dtype).tiny).all())
+
+
+@pytest.mark.parametrize("tf32", [True, False])
+def test_conv_lut_fp32_never_tf32(tf32, monkeypatch):
+    """Fix 1: cuDNN's TF32 (on by default for convolutions) gave ~3e-4 x max."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", tf32)
+    torch.manual_seed(2)
+    bits = 4
+    x = torch.relu(torch.randn(2, 32, 12, 12))
+    w = torch.randn(48, 32, 3, 3) / 17
+    a, sa, ba = params(x, bits)
+    _, sw, bw = params(w, bits, alpha=a)
+    wp = dnateq.exp_pack(dnateq.exp_quantize(w, a, sw, bw, bits), bits, True)
+    args = (list(w.shape), a, sa, ba, sw, bw, bits, False, True, "nearest", None, 1, 1, 1, 1)
+    y_cpu = dnateq.exp_conv2d_lut(x, wp, *args)
+    y_gpu = dnateq.exp_conv2d_lut(x.to(DEV), wp.to(DEV), *args).cpu()
+    scale = float(y_cpu.abs().max())
+    torch.testing.assert_close(y_gpu, y_cpu, rtol=1e-5, atol=1e-5 * scale)
+    assert torch.backends.cudnn.allow_tf32 == tf32
+
+
+@pytest.mark.parametrize("tf32", [True, False])
+def test_linear_lut_fp32_gemm_never_tf32(tf32, monkeypatch):
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", tf32)
+    x, wp, p = _lut_layer(64, 1024, 70, 4, seed=3)
+    y_cpu = dnateq.exp_linear_lut(x, wp, [70, 1024], *p, 4, False, True, "nearest", None)
+    y_gpu = dnateq.exp_linear_lut(x.to(DEV), wp.to(DEV), [70, 1024], *p, 4, False, True,
+                                  "nearest", None).cpu()
+    scale = float(y_cpu.abs().max())
+    torch.testing.assert_close(y_gpu, y_cpu, rtol=1e-5, atol=1e-5 * scale)
+    assert torch.backends.cuda.matmul.allow_tf32 == tf32   # the guard restored it
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("K", [1000, 1024])   # fallback GEMV / gemv2 for M <= 8
+def test_linear_lut_half_no_batch_size_dependence(dtype, K):
+    """Fix 2: every M computes in float32 and rounds once (the CPU's policy)."""
+    N, bits = 37, 3
+    x, wp, p = _lut_layer(300, K, N, bits, seed=4)
+    xh = x.to(dtype)
+    for M in (1, 2, 8, 9, 16, 64, 300):
+        y32 = dnateq.exp_linear_lut(xh[:M].float(), wp, [N, K], *p, bits, False, True,
+                                    "nearest", None)
+        y = dnateq.exp_linear_lut(xh[:M].to(DEV), wp.to(DEV), [N, K], *p, bits, False, True,
+                                  "nearest", None)
+        assert y.dtype == dtype
+        assert _ulps_apart(y.cpu(), y32, dtype), M
+
+
+def test_linear_lut_fp16_levels_beyond_fp16_range():
+    N, K, bits = 8, 256, 4
+    g = torch.Generator().manual_seed(5)
+    x = torch.rand(64, K, generator=g) * 1e-3
+    w = torch.randn(N, K, generator=g) * 3e5
+    a, sa, ba = params(x, bits)
+    _, sw, bw = params(w, bits, alpha=a)
+    wp = dnateq.exp_pack(dnateq.exp_quantize(w, a, sw, bw, bits), bits, True)
+    for M in (1, 8, 9, 64):
+        y32 = dnateq.exp_linear_lut(x[:M].half().float(), wp, [N, K], a, sa, ba, sw, bw, bits,
+                                    False, True, "nearest", None)
+        y = dnateq.exp_linear_lut(x[:M].half().to(DEV), wp.to(DEV), [N, K], a, sa, ba, sw, bw,
+                                  bits, False, True, "nearest", None).cpu()
+        assert bool(torch.isfinite(y).all()), M
+        assert _ulps_apart(y, y32, torch.float16, 2), M
+
+
+@pytest.mark.parametrize("case", ["gemv2", "gemv_fallback", "gemm", "conv"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_lut_non_finite_raises_like_cpu(case, bad, dtype):
+    """Fix 3: the CPU raises on NaN/Inf activations; CUDA must too, same message."""
+    bits = 4
+    if case == "conv":
+        x = torch.relu(torch.randn(1, 4, 6, 6))
+        w = torch.randn(3, 4, 3, 3) / 6
+        a, sa, ba = params(x, bits)
+        _, sw, bw = params(w, bits, alpha=a)
+        wp = dnateq.exp_pack(dnateq.exp_quantize(w, a, sw, bw, bits), bits, True)
+        x[0, 1, 2, 3] = bad
+
+        def op(xx, pp):
+            return dnateq.exp_conv2d_lut(xx, pp, [3, 4, 3, 3], a, sa, ba, sw, bw, bits, False,
+                                         True, "nearest", None, 1, 1, 1, 1)
+    else:
+        M, K = {"gemv2": (1, 256), "gemv_fallback": (3, 1000), "gemm": (64, 256)}[case]
+        x, wp, p = _lut_layer(M, K, 9, bits)
+        x[M - 1, K // 2] = bad
+
+        def op(xx, pp):
+            return dnateq.exp_linear_lut(xx, pp, [9, K], *p, bits, False, True, "nearest", None)
+    x = x.to(dtype)
+    with pytest.raises(RuntimeError, match="non-finite") as e_cpu:
+        op(x, wp)
+    with pytest.raises(RuntimeError, match="non-finite") as e_gpu:
+        op(x.to(DEV), wp.to(DEV))
+    first = lambda e: str(e.value).splitlines()[0]  # noqa: E731
+    assert first(e_gpu) == first(e_cpu)
+
+
+@pytest.mark.parametrize("bits", range(2, 8))
+@pytest.mark.parametrize("signed", [True, False])
+def test_gemv2_every_width(bits, signed):
+    """kernels/gemv.cu at every field width, M = 1..8, against the CPU op."""
+    for M, K, N in ((1, 128, 1), (2, 1024, 70), (3, 384, 257), (5, 2048, 33), (8, 1024, 129)):
+        x, wp, p = _lut_layer(M, K, N, bits, signed, seed=bits * 10 + M, relu=False)
+        bias = torch.randn(N)
+        y_cpu = dnateq.exp_linear_lut(x, wp, [N, K], *p, bits, True, signed, "nearest", bias)
+        y_gpu = dnateq.exp_linear_lut(x.to(DEV), wp.to(DEV), [N, K], *p, bits, True, signed,
+                                      "nearest", bias.to(DEV)).cpu()
+        scale = float(y_cpu.abs().max())
+        torch.testing.assert_close(y_gpu, y_cpu, rtol=1e-5, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("M,K,N", [(8, 8192, 40), (1, 16384, 3), (4, 4096, 2000),
+                                   (1, 8192, 1024)])
+def test_gemv2_split_k_and_large(M, K, N):
+    """Split-K (partials summed by a second kernel) and the target's K (the
+    benchmark checks the full 8192 x 8192 shape against a float64 reference)."""
+    x, wp, p = _lut_layer(M, K, N, 3, seed=M)
+    y_cpu = dnateq.exp_linear_lut(x, wp, [N, K], *p, 3, False, True, "nearest", None)
+    y_gpu = dnateq.exp_linear_lut(x.to(DEV), wp.to(DEV), [N, K], *p, 3, False, True,
+                                  "nearest", None).cpu()
+    scale = float(y_cpu.abs().max())
+    torch.testing.assert_close(y_gpu, y_cpu, rtol=1e-5, atol=1e-5 * scale)
+    for dt in (torch.float16, torch.bfloat16):
+        y32 = dnateq.exp_linear_lut(x.to(dt).float(), wp, [N, K], *p, 3, False, True,
+                                    "nearest", None)
+        y = dnateq.exp_linear_lut(x.to(DEV, dt), wp.to(DEV), [N, K], *p, 3, False, True,
+                                  "nearest", None).cpu()
+        assert _ulps_apart(y, y32, dt), dt
+
+
+def test_gemv2_misaligned_and_views_fall_back():
+    """A packed view whose base is not 16-byte aligned, and non-contiguous x."""
+    x, wp, p = _lut_layer(2, 256, 8, 4)
+    big = torch.zeros(wp.numel() + 4, dtype=torch.uint8, device=DEV)
+    view = big[4:].view(wp.shape)       # 4-byte but not 16-byte aligned
+    view.copy_(wp)
+    want = dnateq.exp_linear_lut(x, wp, [8, 256], *p, 4, False, True, "nearest", None)
+    got = dnateq.exp_linear_lut(x.to(DEV).t().contiguous().t(), view, [8, 256],
+                                *p, 4, False, True, "nearest", None)
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+
+
+def test_lut_ops_capture_in_cuda_graph():
+    """No host synchronization inside capture: the GEMV and GEMM paths record
+    into a CUDA graph and replay to the eager result."""
+    for M, K in ((1, 1024), (3, 1000), (32, 256)):
+        x, wp, p = _lut_layer(M, K, 64, 3, seed=M)
+        xd, wd = x.to(DEV), wp.to(DEV)
+
+        def op():
+            return dnateq.exp_linear_lut(xd, wd, [64, K], *p, 3, False, True, "nearest", None)
+        eager = op()
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            op()
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            out = op()
+        g.replay()
+        torch.cuda.synchronize()
+        torch.testing.assert_close(out, eager, rtol=0, atol=0)
