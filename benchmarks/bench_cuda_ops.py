@@ -6,7 +6,8 @@ copy bandwidth measured in the same run.
 
     python benchmarks/bench_cuda_ops.py [--quick] [--json PATH] [--peak-bw B/s]
         [--sections bandwidth,quantize,gemv,gemm,count,peers] [--no-graph]
-        [--repeat N] [--strict]
+        [--no-kernel-time] [--repeat N] [--strict]
+    python benchmarks/bench_cuda_ops.py --merge A.json B.json [--json OUT]
 
 On the GPU machine: build the extension with its CUDA kernels first
 (``DNATEQ_CUDA=1 pip install --no-build-isolation -e .``), then
@@ -21,9 +22,10 @@ benchmarks/results/cuda_ops.<device-name-slug>.json, ``.quick.json`` with
 versions, every figure, and a "targets" section (value, threshold, met).
 Without a CUDA device it exits with status 2 and says so.
 
-Targets (issue 5, H100; ratios against peers in the same run):
+Targets (issues 5 and 17, H100/H200; ratios against peers in the same run):
   packed-weight GEMV, K = N = 8192, batch 1, n = 3..5: >= 70 % of HBM peak
-      on bytes moved (packed weights + x + y)
+      on bytes moved (packed weights + x + y); n = 3 also >= 70 % of the copy
+      bandwidth measured in the same run (gemv_bw_pct_copy_n3)
   gemv_speedup_vs_cublas_fp16 (n = 3, i.e. 4 stored bits with sign): >= 2.5
   LUT GEMM, M = N = K = 4096, fp16: >= 0.7x cuBLAS fp16 throughput
   exp_linear_count: >= 5e11 counter updates per second
@@ -38,8 +40,19 @@ HBM, not L2 (H100: 50 MB of L2; a 4-bit 8192 x 8192 weight is 32 MB). These
 table construction, allocations), which is what a caller sees; where an op
 can be captured (no host synchronization) the same loop is also replayed as
 a CUDA graph ("graph" figures, suffix ``_graph``), which removes the host
-cost. Targets are judged on the eager figure; the graph figure is shown
-beside it.
+cost. Kernel time (suffix ``_kernel``) is the device time of the kernels,
+memcpys and memsets the calls launch, from torch.profiler's CUDA activity
+(summed, divided by the calls): no host cost and no gaps between kernels.
+The copy bandwidth is measured the same three ways in the same run, and each
+"% of copy" figure divides by the copy bandwidth of the same kind (eager by
+eager, kernel by kernel). Targets are judged on the eager figure; the graph
+and kernel figures are shown beside it (value_graph, value_kernel).
+
+--merge combines the JSONs of several runs (e.g. the two halves that
+scripts/gpu_check.sh runs, so that a timeout loses only one): figures,
+checks, rows, peers, errors and shapes are merged (a later file wins on a
+duplicate key, except that the first measured copy bandwidth is kept), and
+the targets are evaluated again on the merged figures.
 
 Peak bandwidth: --peak-bw if given, else 2 * memory_clock_rate (kHz) * 1e3 *
 memory_bus_width / 8 from torch.cuda.get_device_properties (double data rate
@@ -104,6 +117,8 @@ TARGETS = [
      "packed GEMV K=N=8192 batch 1 n=4: % of HBM peak on bytes moved"),
     ("gemv_bw_pct_peak_n5", "gemv_bw_pct_peak_n5", 70.0,
      "packed GEMV K=N=8192 batch 1 n=5: % of HBM peak on bytes moved"),
+    ("gemv_bw_pct_copy_n3", "gemv_bw_pct_copy_n3", 70.0,
+     "packed GEMV K=N=8192 batch 1 n=3: % of the copy bandwidth measured in the same run"),
     ("gemv_speedup_vs_cublas_fp16", "gemv_speedup_vs_cublas_fp16", 2.5,
      "packed GEMV n=3 (4 stored bits) vs cuBLAS fp16 GEMV, batch 1: speedup"),
     ("lut_gemm_vs_cublas_fp16", "lut_gemm_vs_cublas_fp16", 0.7,
@@ -245,15 +260,17 @@ def count_updates(a_codes: torch.Tensor, w_codes: torch.Tensor, use_terms: bool)
 
 
 def evaluate_targets(figures: dict, note: str = "") -> list:
-    """One entry per target: value (eager), value_graph, threshold, met
-    (None where the figure was not measured)."""
+    """One entry per target: value (eager), value_graph, value_kernel,
+    threshold, met (None where the figure was not measured)."""
     out = []
     for name, key, thr, what in TARGETS:
         v = figures.get(key)
         vg = figures.get(key + "_graph")
+        vk = figures.get(key + "_kernel")
         e = dict(name=name, figure=key, what=what, threshold=thr, op=">=",
                  value=v, met=None if v is None else bool(v >= thr),
-                 value_graph=vg, met_graph=None if vg is None else bool(vg >= thr))
+                 value_graph=vg, met_graph=None if vg is None else bool(vg >= thr),
+                 value_kernel=vk, met_kernel=None if vk is None else bool(vk >= thr))
         if note:
             e["note"] = note
         out.append(e)
@@ -288,6 +305,64 @@ def cuda_unavailable_reason():
     return None
 
 
+def kernel_seconds(events, calls: int, device_type: str = "cuda"):
+    """Device seconds per call from profiler events: the summed durations of
+    the events that ran on `device_type` (kernels, memcpys, memsets: leaves,
+    so nothing is counted twice), divided by `calls`. None when there were
+    none (e.g. a profiler without CUDA activity)."""
+    total_us = 0.0
+    found = False
+    for e in events:
+        dt = getattr(e, "device_type", None)
+        name = str(getattr(dt, "name", dt)).lower()
+        if name != device_type:
+            continue
+        if device_type == "cpu" and getattr(e, "cpu_parent", None) is not None:
+            continue  # CPU events nest: count the top-level ones only
+        tr = getattr(e, "time_range", None)
+        us = tr.elapsed_us() if tr is not None else getattr(e, "device_time", 0.0)
+        total_us += float(us)
+        found = True
+    if not found or calls <= 0:
+        return None
+    return total_us * 1e-6 / calls
+
+
+def merge_results(docs: list) -> dict:
+    """One results document from several runs' JSONs (see --merge)."""
+    if not docs:
+        raise ValueError("nothing to merge")
+    out = dict(meta=dict(docs[0].get("meta", {})), figures={}, peers={}, checks={}, rows=[],
+               errors={}, graph_errors=[])
+    out["meta"]["merged_from"] = [d.get("meta", {}).get("argv") for d in docs]
+    out["meta"]["sections"] = []
+    out["meta"]["shapes"] = {}
+    keep_first = ("copy_bw_Bps", "copy_bw_kernel_Bps", "copy_bw_graph_Bps", "read_bw_Bps",
+                  "copy_bw_pct_peak", "read_bw_pct_peak", "peak_bw_Bps")
+    for i, d in enumerate(docs):
+        figs = d.get("figures", {})
+        for k, v in figs.items():
+            if k in keep_first and k in out["figures"]:
+                out["figures"][f"{k}_run{i + 1}"] = v
+                continue
+            out["figures"][k] = v
+        out["peers"].update(d.get("peers", {}))
+        out["checks"].update(d.get("checks", {}))
+        out["rows"] += d.get("rows", [])
+        out["errors"].update({f"{k} (run {i + 1})" if k in out["errors"] else k: v
+                              for k, v in d.get("errors", {}).items()})
+        out["graph_errors"] += d.get("graph_errors", [])
+        m = d.get("meta", {})
+        out["meta"]["sections"] += [s for s in m.get("sections", [])
+                                    if s not in out["meta"]["sections"]]
+        out["meta"]["shapes"].update(m.get("shapes", {}))
+        if out["meta"].get("measured_copy_bw_Bps") is None:
+            out["meta"]["measured_copy_bw_Bps"] = m.get("measured_copy_bw_Bps")
+    note = next((t.get("note") for d in docs for t in d.get("targets", []) if t.get("note")), "")
+    out["targets"] = evaluate_targets(out["figures"], note or "")
+    return out
+
+
 # ---------------------------------------------------------------------------
 # Timing (CUDA events).
 
@@ -307,8 +382,11 @@ class Ctx:
         self.repeat = args.repeat
         self.min_time = args.min_time
         self.graphs = not args.no_graph and self.cuda
+        self.kernel_time = not args.no_kernel_time
         self.peak = None      # bytes/s
-        self.copy_bw = None   # bytes/s, measured
+        self.copy_bw = None   # bytes/s, measured (eager)
+        self.copy_bw_kernel = None  # bytes/s, measured (kernel time)
+        self.copy_bw_graph = None   # bytes/s, measured (graph replay)
         self.rows = []
         self.figs = {}
         self.peers = {}
@@ -389,6 +467,35 @@ def time_graph(ctx, calls, repeat=None):
         return None
 
 
+def time_kernels(ctx, calls, n=None):
+    """Device seconds per call of the kernels the calls launch (see the module
+    doc); None when off or when the profiler fails (reason recorded). In the
+    CPU dry run the same code runs with the profiler's CPU activity (the
+    top-level operators' time), only to check the plumbing."""
+    if not ctx.kernel_time:
+        return None
+    calls = list(calls) if isinstance(calls, (list, tuple)) else [calls]
+    n = n or max(len(calls), 8)
+    try:
+        from torch.profiler import ProfilerActivity, profile
+        for c in calls:
+            c()
+        sync(ctx)
+        act = ProfilerActivity.CUDA if ctx.cuda else ProfilerActivity.CPU
+        with profile(activities=[act]) as prof:
+            for i in range(n):
+                calls[i % len(calls)]()
+            sync(ctx)
+        t = kernel_seconds(prof.events(), n, "cuda" if ctx.cuda else "cpu")
+        if t is None:
+            ctx.graph_errors.append("kernel time: the profiler recorded no device activity")
+        return t
+    except Exception as e:  # noqa: BLE001 - recorded, never fatal
+        ctx.graph_errors.append(f"kernel time: {type(e).__name__}: {str(e)[:300]}")
+        sync(ctx)
+        return None
+
+
 def fit(x, bits, alpha=None, sample=1 << 20):
     """exp_fit on a CPU subsample of x (the fit itself runs on the CPU)."""
     import dnateq
@@ -424,7 +531,8 @@ def lut_reference(x, wp, N, K, a, sa, ba, sw, bw, bits):
 
 
 def add_row(ctx, **r):
-    base = dict(op="", shape="", bits=None, dtype="", ms=None, ms_graph=None, bytes=None,
+    base = dict(op="", shape="", bits=None, dtype="", ms=None, ms_graph=None, ms_kernel=None,
+                bytes=None,
                 gbps=None, pct_peak=None, pct_copy=None, rate=None, rate_unit="",
                 peer="-", peer_ms=None, speedup=None, target="-", ok=None, note="")
     base.update(r)
@@ -432,13 +540,19 @@ def add_row(ctx, **r):
     return base
 
 
-def bw_figures(ctx, nbytes, t):
+def bw_figures(ctx, nbytes, t, kind="eager"):
+    """(bytes/s, % of peak, % of the copy bandwidth of the same kind)."""
     if t is None:
         return None, None, None
     bw = nbytes / t
     pp = 100 * bw / ctx.peak if ctx.peak else None
-    pc = 100 * bw / ctx.copy_bw if ctx.copy_bw else None
+    copy = dict(eager=ctx.copy_bw, kernel=ctx.copy_bw_kernel, graph=ctx.copy_bw_graph)[kind]
+    pc = 100 * bw / copy if copy else None
     return bw, pp, pc
+
+
+def ms(t):
+    return None if t is None else t * 1e3
 
 
 # ---------------------------------------------------------------------------
@@ -450,7 +564,12 @@ def bench_bandwidth(ctx):
     dst = torch.empty_like(src)
     t_copy = time_calls(ctx, lambda: dst.copy_(src))
     t_read = time_calls(ctx, lambda: src.sum())
+    t_copy_k = time_kernels(ctx, lambda: dst.copy_(src))
+    t_copy_g = time_graph(ctx, lambda: dst.copy_(src))
     ctx.copy_bw = 2 * n * 4 / t_copy
+    ctx.copy_bw_kernel = None if t_copy_k is None else 2 * n * 4 / t_copy_k
+    ctx.copy_bw_graph = None if t_copy_g is None else 2 * n * 4 / t_copy_g
+    ctx.figs.update(copy_bw_kernel_Bps=ctx.copy_bw_kernel, copy_bw_graph_Bps=ctx.copy_bw_graph)
     read_bw = n * 4 / t_read
     ctx.figs.update(copy_bw_Bps=ctx.copy_bw, read_bw_Bps=read_bw, peak_bw_Bps=ctx.peak,
                     copy_bw_pct_peak=100 * ctx.copy_bw / ctx.peak if ctx.peak else None,
@@ -458,6 +577,8 @@ def bench_bandwidth(ctx):
     for op, t, nbytes in (("copy_ (read+write)", t_copy, 2 * n * 4), ("sum (read)", t_read, n * 4)):
         bw, pp, pc = bw_figures(ctx, nbytes, t)
         add_row(ctx, op=op, shape=f"{n} fp32", dtype="float32", ms=t * 1e3, bytes=nbytes,
+                ms_kernel=ms(t_copy_k) if op.startswith("copy") else None,
+                ms_graph=ms(t_copy_g) if op.startswith("copy") else None,
                 gbps=bw / 1e9, pct_peak=pp, pct_copy=pc, note="reference bandwidth")
 
 
@@ -522,7 +643,8 @@ def bench_quantize(ctx):
 
 
 def _dense_peer(ctx, M, K, N, dt, cache, w_float):
-    """cuBLAS through F.linear in dtype dt: (eager s, graph s), cached per (M, dt)."""
+    """cuBLAS through F.linear in dtype dt: (eager s, graph s, kernel s), cached
+    per (M, dt)."""
     key = (M, dt)
     if key not in cache:
         w = w_float.to(dt)
@@ -530,7 +652,7 @@ def _dense_peer(ctx, M, K, N, dt, cache, w_float):
         ws = [w] + [w.clone() for _ in range(R - 1)]
         x = torch.randn(M, K, device=ctx.dev, dtype=dt)
         calls = [lambda wi=wi: F.linear(x, wi) for wi in ws]
-        cache[key] = (time_calls(ctx, calls), time_graph(ctx, calls))
+        cache[key] = (time_calls(ctx, calls), time_graph(ctx, calls), time_kernels(ctx, calls))
         del ws, w
     return cache[key]
 
@@ -561,7 +683,8 @@ def bench_gemv(ctx):
             calls = [lambda p=p: op(p) for p in wps]
             t = time_calls(ctx, calls)
             tg = time_graph(ctx, calls)
-            t_cb, tg_cb = _dense_peer(ctx, M, K, N, dt, peer_cache, w)
+            tk = time_kernels(ctx, calls)
+            t_cb, tg_cb, tk_cb = _dense_peer(ctx, M, K, N, dt, peer_cache, w)
             nbytes = gemv_bytes(M, K, N, bits, True, 2, 2)
             bwv, pp, pc = bw_figures(ctx, nbytes, t)
             _, ppg, pcg = bw_figures(ctx, nbytes, tg)
@@ -575,10 +698,21 @@ def bench_gemv(ctx):
                                  f"gemv_bw_pct_copy{sfx}_graph": pcg})
                 if tg_cb is not None:
                     ctx.figs[f"gemv_speedup_vs_cublas_fp16{sfx}_graph"] = tg_cb / tg
+            if tk is not None:
+                _, ppk, pck = bw_figures(ctx, nbytes, tk, "kernel")
+                ctx.figs.update({f"gemv_ms{sfx}_kernel": tk * 1e3,
+                                 f"gemv_bw_pct_peak{sfx}_kernel": ppk,
+                                 f"gemv_bw_pct_copy{sfx}_kernel": pck})
+                if tk_cb is not None:
+                    ctx.figs[f"gemv_speedup_vs_cublas_fp16{sfx}_kernel"] = tk_cb / tk
+            if tg is not None:
+                ctx.figs[f"gemv_bw_pct_copy{sfx}_graph"] = bw_figures(ctx, nbytes, tg, "graph")[2]
             if M == 1 and bits == 3:
                 ctx.figs["gemv_speedup_vs_cublas_fp16"] = t_cb / t
                 if tg is not None and tg_cb is not None:
                     ctx.figs["gemv_speedup_vs_cublas_fp16_graph"] = tg_cb / tg
+                if tk is not None and tk_cb is not None:
+                    ctx.figs["gemv_speedup_vs_cublas_fp16_kernel"] = tk_cb / tk
             if M == 1:
                 tgt, ok = ">= 70 % peak", (pp >= 70.0 if pp is not None else None)
                 if bits == 3:
@@ -586,9 +720,9 @@ def bench_gemv(ctx):
                     ok = None if ok is None else (ok and t_cb / t >= 2.5)
             else:
                 tgt, ok = "-", None
-            add_row(ctx, op="exp_linear_lut GEMV" + (" (split path, M > 8)" if M > 8 else ""),
+            add_row(ctx, op="exp_linear_lut GEMV" + (" (GEMM path, M > 8)" if M > 8 else ""),
                     shape=f"M={M} K={K} N={N}", bits=bits, dtype="fp16", ms=t * 1e3,
-                    ms_graph=None if tg is None else tg * 1e3, bytes=nbytes, gbps=bwv / 1e9,
+                    ms_graph=ms(tg), ms_kernel=ms(tk), bytes=nbytes, gbps=bwv / 1e9,
                     pct_peak=pp, pct_copy=pc, peer="cuBLAS fp16", peer_ms=t_cb * 1e3,
                     speedup=t_cb / t, target=tgt, ok=ok,
                     note="" if err <= tol(dt) else f"WRONG: rel err {err:.2e}")
@@ -612,7 +746,7 @@ def bench_gemv(ctx):
                     note="public ops, 2 host syncs; speedup < 1 = fused is faster")
         del wps, wp
         free_cache(ctx)
-    for (M, _), (t_cb, tg_cb) in sorted(peer_cache.items(), key=lambda kv: kv[0][0]):
+    for (M, _), (t_cb, tg_cb, tk_cb) in sorted(peer_cache.items(), key=lambda kv: kv[0][0]):
         nbytes = dense_gemv_bytes(M, K, N, 2)
         bwv, pp, pc = bw_figures(ctx, nbytes, t_cb)
         sfx = "" if M == 1 else f"_m{M}"
@@ -620,8 +754,12 @@ def bench_gemv(ctx):
                          f"cublas_fp16_gemv_bw_pct_peak{sfx}": pp})
         if tg_cb is not None:
             ctx.figs[f"cublas_fp16_gemv_ms{sfx}_graph"] = tg_cb * 1e3
+        if tk_cb is not None:
+            ctx.figs[f"cublas_fp16_gemv_ms{sfx}_kernel"] = tk_cb * 1e3
+            ctx.figs[f"cublas_fp16_gemv_bw_pct_copy{sfx}_kernel"] = bw_figures(
+                ctx, nbytes, tk_cb, "kernel")[2]
         add_row(ctx, op="cuBLAS fp16 GEMV (F.linear)", shape=f"M={M} K={K} N={N}", dtype="fp16",
-                ms=t_cb * 1e3, ms_graph=None if tg_cb is None else tg_cb * 1e3, bytes=nbytes,
+                ms=t_cb * 1e3, ms_graph=ms(tg_cb), ms_kernel=ms(tk_cb), bytes=nbytes,
                 gbps=bwv / 1e9, pct_peak=pp, pct_copy=pc, note="peer")
     ctx.shapes["gemv"] = dict(K=K, N=N, dtype="float16", batches=[1, 2, 4, 8, 16])
 
@@ -648,10 +786,16 @@ def bench_gemm(ctx, bits=4):
         ctx.checks[f"lut_gemm_{tag}_rel_err"] = err
         ctx.checks[f"lut_gemm_{tag}_ok"] = err <= tol(dt)
         t = time_calls(ctx, [lambda p=p: op(p) for p in wps])
+        tk = time_kernels(ctx, [lambda p=p: op(p) for p in wps[:2]], n=4)
         wd = w.to(dt)
         Rd = rotation_sets(wd.numel() * wd.element_size(), ctx.l2)
         wds = [wd] + [wd.clone() for _ in range(Rd - 1)]
         t_mm = time_calls(ctx, [lambda wi=wi: F.linear(x, wi) for wi in wds])
+        tk_mm = time_kernels(ctx, [lambda wi=wi: F.linear(x, wi) for wi in wds[:2]], n=4)
+        if tk is not None and tk_mm is not None:
+            ctx.figs.update({f"lut_gemm_ms_{tag}_kernel": tk * 1e3,
+                             f"cublas_{tag}_gemm_ms_kernel": tk_mm * 1e3,
+                             f"lut_gemm_vs_cublas_{tag}_kernel": tk_mm / tk})
         times[tag] = (t, t_mm)
         ctx.figs.update({f"lut_gemm_ms_{tag}": t * 1e3, f"lut_gemm_tflops_{tag}": flops / t / 1e12,
                          f"cublas_{tag}_gemm_ms": t_mm * 1e3,
@@ -660,7 +804,7 @@ def bench_gemm(ctx, bits=4):
                          f"lut_gemm_dequant_overhead_ms_{tag}": (t - t_mm) * 1e3})
         tgt = tag == "fp16"
         add_row(ctx, op="exp_linear_lut GEMM", shape=f"M={M} N={N} K={K}", bits=bits, dtype=tag,
-                ms=t * 1e3, rate=flops / t / 1e12, rate_unit="TFLOP/s",
+                ms=t * 1e3, ms_kernel=ms(tk), rate=flops / t / 1e12, rate_unit="TFLOP/s",
                 peer=f"cuBLAS {tag}" + (" (no TF32)" if dt == torch.float32 else ""),
                 peer_ms=t_mm * 1e3, speedup=t_mm / t, target=">= 0.7x cuBLAS" if tgt else "-",
                 ok=(t_mm / t >= 0.7) if tgt else None,
@@ -888,6 +1032,7 @@ def fmt(v, spec):
 
 def print_table(rows, targets):
     header = (f"{'op':44} {'shape':22} {'n':>2} {'dtype':5} {'ms':>9} {'graph ms':>9} "
+              f"{'kern ms':>9} "
               f"{'GB/s':>7} {'%peak':>6} {'%copy':>6} {'rate':>9} {'peer':>26} {'peer ms':>9} "
               f"{'x peer':>6}  target")
     print(header)
@@ -895,16 +1040,17 @@ def print_table(rows, targets):
     for r in rows:
         ok = {True: "ok", False: "MISS", None: ""}[r["ok"]]
         print(f"{r['op'][:44]:44} {r['shape'][:22]:22} {fmt(r['bits'], '>2')} {r['dtype']:5} "
-              f"{fmt(r['ms'], '9.4f')} {fmt(r['ms_graph'], '9.4f')} {fmt(r['gbps'], '7.0f')} "
+              f"{fmt(r['ms'], '9.4f')} {fmt(r['ms_graph'], '9.4f')} "
+              f"{fmt(r.get('ms_kernel'), '9.4f')} {fmt(r['gbps'], '7.0f')} "
               f"{fmt(r['pct_peak'], '6.1f')} {fmt(r['pct_copy'], '6.1f')} "
               f"{fmt(r['rate'], '9.3g')} {str(r['peer'])[:26]:>26} {fmt(r['peer_ms'], '9.4f')} "
               f"{fmt(r['speedup'], '6.2f')}  {r['target']} {ok} {r['note']}")
     print()
-    print(f"{'target':36} {'threshold':>10} {'value':>10} {'graph':>10}  met")
+    print(f"{'target':36} {'threshold':>10} {'value':>10} {'graph':>10} {'kernel':>10}  met")
     for t in targets:
         met = {True: "met", False: "MISSED", None: "not measured"}[t["met"]]
         print(f"{t['name']:36} {t['threshold']:>10.3g} {fmt(t['value'], '10.3g')} "
-              f"{fmt(t['value_graph'], '10.3g')}  {met}")
+              f"{fmt(t['value_graph'], '10.3g')} {fmt(t.get('value_kernel'), '10.3g')}  {met}")
 
 
 def parse_args(argv=None):
@@ -921,6 +1067,11 @@ def parse_args(argv=None):
     ap.add_argument("--min-time", type=float, default=0.02,
                     help="seconds each timed sample lasts at least")
     ap.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph timings")
+    ap.add_argument("--no-kernel-time", action="store_true",
+                    help="skip the profiler kernel-time figures")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                    help="merge these results files into one (--json, default: the first "
+                         "file's device path) and evaluate the targets again; runs nothing")
     ap.add_argument("--strict", action="store_true", help="exit 3 when a target is missed")
     ap.add_argument("--cpu-dry-run", action="store_true",
                     help="run every section on the CPU with tiny shapes to check the script "
@@ -953,8 +1104,27 @@ def device_meta(ctx):
                 cuda_driver_api=getattr(torch._C, "_cuda_getDriverVersion", lambda: None)())
 
 
+def main_merge(args):
+    docs = []
+    for p in args.merge:
+        with open(p) as f:
+            docs.append(json.load(f))
+    out = merge_results(docs)
+    path = args.json or default_json_path(out["meta"].get("device", "unknown"),
+                                          bool(out["meta"].get("quick")))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(_clean(out), f, indent=1)
+    print_table(out["rows"], out["targets"])
+    print(f"\nwrote {path} (merged {len(docs)} files)")
+    bad_checks = [k for k, v in out["checks"].items() if v is False]
+    return 1 if (out["errors"] or bad_checks) else 0
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.merge:
+        return main_merge(args)
     if args.cpu_dry_run:
         dev = torch.device("cpu")
     else:
@@ -1013,10 +1183,12 @@ def main(argv=None):
         sections=order, shapes=ctx.shapes,
         peak_bw_Bps=ctx.peak, peak_bw_source=peak_src, peak_bw_candidates=peak_details,
         measured_copy_bw_Bps=ctx.copy_bw,
+        measured_copy_bw_kernel_Bps=ctx.copy_bw_kernel,
         timing=(f"CUDA events around back-to-back calls after warm-up, median of "
                 f"{args.repeat} samples of >= {args.min_time} s; large read-only operands "
                 f"rotated over copies totalling >= 3x L2; '_graph' figures replay the same "
-                f"loop as a CUDA graph (no host overhead)"),
+                f"loop as a CUDA graph (no host overhead); '_kernel' figures are the device "
+                f"time of the launched kernels from torch.profiler (no host cost, no gaps)"),
         bytes_moved=dict(gemv="packed weight bytes + M*K*2 (x fp16) + M*N*2 (y fp16)",
                          exp_quantize="numel * input element size + numel (int8 codes)",
                          copy="2 * bytes (read + write)"),

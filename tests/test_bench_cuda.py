@@ -219,6 +219,7 @@ def test_cpu_dry_run(tmp_path, capsys):
         assert isinstance(figs.get(t["figure"]), float), t["figure"]
         assert t["met"] in (True, False)
     for k in ("gemv_speedup_vs_cublas_fp16", "gemv_bw_pct_copy_n3", "cublas_fp16_gemv_ms",
+              "gemv_ms_n3_kernel", "copy_bw_kernel_Bps", "gemv_speedup_vs_cublas_fp16_kernel",
               "lut_gemm_vs_fp32_matmul", "lut_gemm_split_public_ms_fp16",
               "gemv_fused_vs_split_speedup_n3", "count_linear_pairs_per_s_n4",
               "exp_quantize_fp32_nocheck_pct_peak", "copy_bw_Bps", "read_bw_Bps"):
@@ -229,6 +230,78 @@ def test_cpu_dry_run(tmp_path, capsys):
     for name in ("bitsandbytes_nf4", "torchao_int4_weight_only"):
         st = d["peers"][name]["status"]
         assert st == "ok" or st.startswith("unavailable: ")
+
+
+class _Range:
+    def __init__(self, us):
+        self.us = us
+
+    def elapsed_us(self):
+        return self.us
+
+
+class _Ev:
+    def __init__(self, kind, us, parent=None):
+        self.device_type = type("D", (), {"name": kind.upper()})()
+        self.time_range = _Range(us)
+        self.cpu_parent = parent
+
+
+def test_kernel_seconds():
+    evs = [_Ev("cuda", 10.0), _Ev("cuda", 5.0), _Ev("cpu", 100.0), _Ev("cpu", 7.0, parent=1)]
+    assert bench.kernel_seconds(evs, 3) == pytest.approx(5e-6)       # (10 + 5) us / 3
+    assert bench.kernel_seconds(evs, 1, "cpu") == pytest.approx(100e-6)  # nested one skipped
+    assert bench.kernel_seconds([_Ev("cpu", 1.0)], 2) is None        # no device activity
+    assert bench.kernel_seconds(evs, 0) is None
+
+
+def test_merge_results():
+    a = dict(meta=dict(device="X", argv=["--sections", "bandwidth,gemv"], sections=["bandwidth", "gemv"],
+                       shapes={"gemv": 1}, measured_copy_bw_Bps=2.0),
+             figures={"copy_bw_Bps": 2.0, "gemv_bw_pct_copy_n3": 75.0, "gemv_ms_n3": 1.0},
+             checks={"a": True}, rows=[{"op": "r1"}], errors={}, peers={}, targets=[])
+    b = dict(meta=dict(device="X", argv=["--sections", "bandwidth,gemm"], sections=["bandwidth", "gemm"],
+                       shapes={"gemm": 2}, measured_copy_bw_Bps=3.0),
+             figures={"copy_bw_Bps": 3.0, "lut_gemm_vs_cublas_fp16": 0.5, "gemv_ms_n3": 9.0},
+             checks={"b": False}, rows=[{"op": "r2"}], errors={"gemm": "boom"}, peers={"p": {}},
+             targets=[])
+    m = bench.merge_results([a, b])
+    f = m["figures"]
+    assert f["copy_bw_Bps"] == 2.0 and f["copy_bw_Bps_run2"] == 3.0   # first copy bw kept
+    assert f["gemv_ms_n3"] == 9.0                                      # later file wins
+    assert m["checks"] == {"a": True, "b": False} and [r["op"] for r in m["rows"]] == ["r1", "r2"]
+    assert m["errors"] == {"gemm": "boom"} and m["peers"] == {"p": {}}
+    assert m["meta"]["sections"] == ["bandwidth", "gemv", "gemm"]
+    assert m["meta"]["shapes"] == {"gemv": 1, "gemm": 2}
+    assert m["meta"]["measured_copy_bw_Bps"] == 2.0
+    t = {x["name"]: x for x in m["targets"]}
+    assert t["gemv_bw_pct_copy_n3"]["met"] is True
+    assert t["lut_gemm_vs_cublas_fp16"]["met"] is False
+    with pytest.raises(ValueError):
+        bench.merge_results([])
+
+
+def test_cpu_dry_run_two_halves_and_merge(tmp_path, capsys):
+    """What scripts/gpu_check.sh does on the GPU: two halves, each with the
+    bandwidth section, then --merge; every target is measured in the merge,
+    and kernel-time figures are present (CPU profiler plumbing)."""
+    p1, p2, pm = tmp_path / "p1.json", tmp_path / "p2.json", tmp_path / "m.json"
+    common = ["--cpu-dry-run", "--peak-bw", "1e11", "--no-graph"]
+    assert bench.main(common + ["--sections", "bandwidth,quantize,gemv", "--json", str(p1)]) == 0
+    assert bench.main(common + ["--sections", "bandwidth,gemm,count,peers", "--json", str(p2)]) == 0
+    assert bench.main(["--merge", str(p1), str(p2), "--json", str(pm)]) == 0
+    out = capsys.readouterr().out
+    assert "merged 2 files" in out
+    d = json.loads(pm.read_text())
+    for t in d["targets"]:
+        assert t["met"] in (True, False), t["name"]
+        assert "value_kernel" in t
+    figs = d["figures"]
+    for k in ("gemv_ms_n3_kernel", "gemv_bw_pct_copy_n3_kernel", "copy_bw_kernel_Bps",
+              "gemv_speedup_vs_cublas_fp16_kernel", "lut_gemm_vs_cublas_fp16_kernel",
+              "cublas_fp16_gemv_ms_kernel", "copy_bw_Bps_run2"):
+        assert isinstance(figs.get(k), float) and figs[k] > 0, k
+    assert d["meta"]["sections"] == ["bandwidth", "quantize", "gemv", "gemm", "count", "peers"]
 
 
 def test_exits_2_without_cuda(tmp_path):
