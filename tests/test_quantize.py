@@ -124,11 +124,12 @@ def test_linear_only_mlp_with_eval_fn():
     assert passing[-1]["bits"] == {n: m.bits for n, m in qlayers(q).items()}
 
 
-@pytest.mark.parametrize("fmt", ["tensor", "tuple", "list", "dict_input", "dict_first",
+@pytest.mark.parametrize("fmt", ["tensor", "tuple", "list", "dict_input", "dict_forward",
                                  "dict_pixel_values"])
 def test_loader_formats(fmt):
     data = vectors()
     labels = [torch.zeros(d.shape[0], dtype=torch.long) for d in data]
+    kw = {}
     if fmt == "tensor":
         loader = data
     elif fmt == "tuple":
@@ -136,13 +137,16 @@ def test_loader_formats(fmt):
     elif fmt == "list":
         loader = [[d, y] for d, y in zip(data, labels)]
     elif fmt == "dict_input":
-        loader = [{"label": y, "input": d} for d, y in zip(data, labels)]
+        # a dict batch is passed as keyword arguments: nn.Sequential's is `input`
+        loader = [{"input": d} for d in data]
     elif fmt == "dict_pixel_values":
         loader = [{"labels": y, "pixel_values": d} for d, y in zip(data, labels)]
+        kw = dict(forward=lambda model, batch: model(batch["pixel_values"]))
     else:
         loader = [{"features": d, "labels": y} for d, y in zip(data, labels)]
+        kw = dict(forward=lambda model, batch: model(batch["features"]))
     base = dnateq.quantize(mlp(), data, **KWM)
-    q = dnateq.quantize(mlp(), loader, **KWM)
+    q = dnateq.quantize(mlp(), loader, **KWM, **kw)
     x = data[0]
     assert torch.equal(q(x), base(x))
     # a torch DataLoader works too

@@ -24,7 +24,9 @@ import torch.nn as nn
 
 from ._common import get_module as _get_module
 from ._common import set_module as _set_module
-from .calibration import deliver, select_layers, trace_layers
+from .calibration import deliver, trace_layers
+from .calibration.select import select
+from .calibration.call import ModelCall
 from .nn.modules import ExpConv2d, ExpLinear
 from .nn.uniform import UniformConv2d, UniformLinear, _check_bits
 
@@ -72,7 +74,7 @@ def uniform_quantize(model: nn.Module, loader: Iterable, bits: Union[BitsSpec,
                      Mapping[str, BitsSpec]] = 8, *, activations: bool = True,
                      calib_batches: int = 8, layers: Optional[Sequence[str]] = None,
                      skip: Optional[Sequence[str]] = None, inplace: bool = False,
-                     progress: bool = True, seed: int = 0) -> nn.Module:
+                     progress: bool = True, seed: int = 0, forward=None, mask=None) -> nn.Module:
     """Quantize ``model`` uniformly: symmetric per-tensor INT-b weights and
     per-tensor INT-b activations (unsigned for post-ReLU inputs, else
     asymmetric with a zero point), ranges traced on ``calib_batches`` loader
@@ -88,8 +90,10 @@ def uniform_quantize(model: nn.Module, loader: Iterable, bits: Union[BitsSpec,
             the dict stay float (listed in ``dnateq_baseline["skipped"]``).
         activations: quantize the layers' inputs too (default); ``False`` gives
             weight-only quantization.
-        calib_batches, layers, skip, inplace, progress, seed: as in
-            :func:`dnateq.quantize`.
+        calib_batches, layers, skip, inplace, progress, seed, forward, mask: as
+            in :func:`dnateq.quantize` (dict batches are passed as
+            ``model(**batch)``; a layer shared under several names is quantized
+            once and stays shared).
 
     Returns:
         The quantized model (a deep copy unless ``inplace``) with
@@ -110,10 +114,12 @@ def uniform_quantize(model: nn.Module, loader: Iterable, bits: Union[BitsSpec,
     else:
         default = _layer_bits(bits, "*")
 
+    call = ModelCall(forward, mask, who=_WHO)
     work = copy.deepcopy(model)
     was_training = model.training
     work.eval()
-    mha_names, cands, skipped = select_layers(work, layers, skip, who=_WHO)
+    sel = select(work, layers, skip, who=_WHO)
+    mha_names, cands, skipped = sel.mha, sel.names, sel.skipped
     if per_layer is not None:
         unknown = sorted(set(per_layer) - set(cands))
         if unknown:
@@ -125,7 +131,7 @@ def uniform_quantize(model: nn.Module, loader: Iterable, bits: Union[BitsSpec,
         cands = [n for n in cands if n in per_layer]
     # Only the range is needed: a small sample keeps tracing cheap.
     tr = trace_layers(work, cands, loader, calib_batches=calib_batches, sample_size=16,
-                      seed=seed, progress=progress, who=_WHO, label="uniform")
+                      seed=seed, progress=progress, who=_WHO, label="uniform", call=call)
     done = []
     chosen: Dict[str, Tuple[int, int]] = {}
     for n in cands:
@@ -138,7 +144,8 @@ def uniform_quantize(model: nn.Module, loader: Iterable, bits: Union[BitsSpec,
         cls = UniformLinear if isinstance(mod, nn.Linear) else UniformConv2d
         q = cls.from_float(mod, wb, ab if activations else None,
                            (t.vmin, t.vmax) if activations else None)
-        _set_module(work, n, q)
+        for a in [n] + sel.aliases.get(n, []):
+            _set_module(work, a, q)
         chosen[n] = (wb, ab if activations else None)
         done.append(n)
     if not done:
@@ -146,7 +153,8 @@ def uniform_quantize(model: nn.Module, loader: Iterable, bits: Union[BitsSpec,
                          "calibration batches")
     info = dict(kind="uniform", bits=chosen, skipped=skipped, activations=bool(activations),
                 calib_batches=int(calib_batches))
-    return deliver(work, model, inplace, was_training, mha_names, done, "dnateq_baseline", info)
+    return deliver(work, model, inplace, was_training, mha_names, done, "dnateq_baseline", info,
+                   aliases=sel.aliases)
 
 
 def summary(model: nn.Module) -> Dict[str, Any]:

@@ -40,6 +40,7 @@ import torch
 import torch.nn as nn
 
 from ._common import set_module as _set_module
+from .calibration.select import conv1d_as_linear, is_conv1d, module_aliases
 from .calibration.select import disable_fast_paths as _disable_fast_paths
 from .nn.modules import MODES, ROUNDINGS, ExpConv2d, ExpLinear, ExpMultiheadAttention
 from .nn.uniform import UniformConv2d, UniformLinear
@@ -321,10 +322,13 @@ def load(path: PathLike, float_model: nn.Module) -> nn.Module:
                                   f"{type(m).__name__ if m is not None else 'nothing'}")
         _set_module(work, n, ExpMultiheadAttention.from_float(m))
     names = dict(work.named_modules())
+    aliases = module_aliases(work)   # a layer shared under several names stays shared
     state = blob["state"]
     for n, entry in blob["layers"].items():
         cls_name = entry["class"]   # validated by _read
         m = names.get(n)
+        if m is not None and is_conv1d(m) and _FLOAT_OF[cls_name] is nn.Linear:
+            m = conv1d_as_linear(m)   # quantized as the equivalent Linear
         if type(m) is not _FLOAT_OF[cls_name] and not isinstance(m, _FLOAT_OF[cls_name]):
             raise _mismatch(path, f"layer '{n}' should be {_FLOAT_OF[cls_name].__name__}, "
                                   f"found {type(m).__name__ if m is not None else 'nothing'}")
@@ -334,9 +338,10 @@ def load(path: PathLike, float_model: nn.Module) -> nn.Module:
             raise
         except Exception as e:
             raise _mismatch(path, f"layer '{n}': {type(e).__name__}: {e}") from None
-        _set_module(work, n, q)
+        for a in [n] + aliases.get(n, []):
+            _set_module(work, a, q)
     # Everything else (float layers, norms, embeddings) loads strictly.
-    qprefixes = tuple(n + "." for n in blob["layers"])
+    qprefixes = tuple(a + "." for n in blob["layers"] for a in [n] + aliases.get(n, []))
     rest = {k: v for k, v in state.items() if not k.startswith(qprefixes)}
     expected = {k for k, v in work.state_dict().items()
                 if isinstance(v, torch.Tensor) and not k.startswith(qprefixes)}

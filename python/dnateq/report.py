@@ -86,6 +86,15 @@ class Report:
             f"{t['compression_vs_int8']['storage']:.1%} (storage)",
             f"- bytes: FP32 {t['bytes_fp32']}, INT8 {t['bytes_int8']}, packed {t['bytes_packed']}",
         ]
+        est = t.get("estimate")
+        if isinstance(est, dict):
+            where = ("eval_fn" if est.get("metric") == "eval_fn" else
+                     f"proxy on {est.get('held_out_batches', 0)} held-out batch(es)"
+                     if not est.get("on_calibration_batches") else
+                     "proxy on calibration batches")
+            lines.append(f"- estimated quality loss ({where}): {est.get('loss', 0.0):.4g} "
+                         f"(float {est.get('base_quality', 0.0):.4g}, quantized "
+                         f"{est.get('quality', 0.0):.4g})")
         if self.skipped:
             lines.append("- left in float: " + ", ".join(
                 f"{n} ({why})" for n, why in self.skipped.items()))
@@ -137,9 +146,18 @@ def report(qmodel: nn.Module) -> Report:
         skipped = dict(qinfo.get("skipped", {}))
         for k in ("base_quality", "quality", "loss", "threshold", "fallback", "metric"):
             totals[k] = qinfo.get(k)
+        est = qinfo.get("estimate")
+        if isinstance(est, dict):
+            totals["estimate"] = dict(est)
         if qinfo.get("fallback"):
             notes.append("no threshold met max_loss: the all-max-bit fallback configuration "
                          "was returned")
+        if isinstance(est, dict) and est.get("on_calibration_batches"):
+            notes.append("the proxy was judged on calibration batches (the loader had none "
+                         "left to hold out): its estimate is optimistic")
+        if qinfo.get("shared"):
+            notes.append("shared layers (quantized once, kept shared): " + ", ".join(
+                f"{n} = {', '.join(a)}" for n, a in qinfo["shared"].items()))
     for k in ("avg_bits", "storage_bits"):
         assert math.isfinite(totals[k])
     return Report(rows, totals, skipped, notes)

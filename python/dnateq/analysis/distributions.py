@@ -369,7 +369,7 @@ def fit_distributions(model_or_tensors: TensorInput, loader: Optional[Iterable] 
             weights are their dequantized levels (``2^n - 1`` magnitudes: the
             histogram is then a set of spikes).
         loader: batches (tensors, tuples/lists whose first item is the input, or
-            dicts; see :func:`dnateq.calibrate.batch_input`) to trace the input
+            dicts passed as ``model(**batch)``, as in ``dnateq.quantize``) to trace the input
             activations with forward pre-hooks; needed for
             ``"activations"``, only allowed with a model.
         distributions: names among ``"normal"``, ``"exponential"``, ``"pareto"``,

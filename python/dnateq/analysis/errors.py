@@ -5,16 +5,15 @@ keep the float model's module names (e.g. a uniform INT-n baseline)."""
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
-from .._common import batch_input
 from .._common import matches as _matches
 from .._common import model_device as _model_device
 from .._common import progress as _progress
-from .._common import to_device as _to_device
+from ..calibration.call import ModelCall
 from ..nn.modules import ExpMultiheadAttention
 from ._common import (FLOAT_TYPES, QUANTIZED_TYPES, check_positive_int, csv_text, eval_mode,
                       first_tensor, markdown_table, split_mha)
@@ -127,7 +126,8 @@ def layer_output_errors(qmodel: nn.Module, float_model: nn.Module, inputs: Any, 
                         layers: Optional[Sequence[str]] = None,
                         isolated: bool = False,
                         max_batches: Optional[int] = None,
-                        progress: bool = False) -> LayerErrors:
+                        progress: bool = False,
+                        forward: Optional[Callable[[nn.Module, Any], Any]] = None) -> LayerErrors:
     """Per layer, the largest and the mean absolute difference between the output
     of ``qmodel``'s layer and that of ``float_model``'s layer of the same name,
     on the same inputs (forward hooks on both models).
@@ -142,10 +142,12 @@ def layer_output_errors(qmodel: nn.Module, float_model: nn.Module, inputs: Any, 
             projections are compared too.
         inputs: one input tensor, one dict batch, or an iterable of loader
             batches (a list of tensors, of ``(input, target)`` tuples, a
-            DataLoader); each batch's input is found as in
-            ``dnateq.quantize`` (:func:`dnateq.calibrate.batch_input`). Results
-            accumulate over all batches (the max over all, the mean over all
-            elements).
+            DataLoader); each batch is passed as in ``dnateq.quantize`` (a
+            tensor as the input, a tuple's first item, a dict as
+            ``model(**batch)``). Results accumulate over all batches (the max
+            over all, the mean over all elements).
+        forward: ``forward(model, batch)`` calls both models instead (as in
+            ``dnateq.quantize``).
         layers: module names, prefixes or ``fnmatch`` patterns to compare. By
             default: every module name present in both models where the
             quantized model's module is a dnateq quantized layer, or its type
@@ -250,17 +252,17 @@ def layer_output_errors(qmodel: nn.Module, float_model: nn.Module, inputs: Any, 
             handles.append(q_named[n].register_forward_hook(make_rec(n, "q")))
 
     fdev, qdev = _model_device(fmodel), _model_device(qmodel)
+    call = ModelCall(forward, who=f"dnateq.analysis.{fn}")
     seen = 0
     try:
         with eval_mode(qmodel, fmodel), torch.no_grad():
             for batch in _progress(_batches(inputs, max_batches), progress,
                                    desc="dnateq: layer errors"):
-                x = batch_input(batch, f"dnateq.analysis.{fn}")
                 state["side"] = "f"
-                fy = fmodel(_to_device(x, fdev))
+                fy = call(fmodel, call.prepare(batch, fdev, f"batch {seen}"))
                 if not isolated:
                     state["side"] = "q"
-                    qy = qmodel(_to_device(x, qdev))
+                    qy = call(qmodel, call.prepare(batch, qdev, f"batch {seen}"))
                     state["side"] = None
                     for n in names:
                         nf, nq = len(outs["f"].pop(n, [])), calls.pop(n, 0)

@@ -12,17 +12,21 @@ of cached quantized modules and one evaluation — as in ``quantize``'s own loop
 """
 from __future__ import annotations
 
-import copy
 import inspect
 import math
+import sys
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch.nn as nn
 
-from .._common import batch_input, get_module, model_device, to_device
+from .._common import get_module, model_device
 from .._common import progress as _progress
 from ..calibration import LayerCache, LayerSearch, Quality, quantize
-from ._common import QUANTIZED_TYPES, csv_text, markdown_table, split_mha
+from ..calibration.call import ModelCall
+from ..calibration.pipeline import heldout_inputs
+from ..calibration.select import prepare_like
+from ..calibration.trace import Traces, plan_batches
+from ._common import QUANTIZED_TYPES, csv_text, markdown_table
 
 __all__ = ["threshold_sweep", "ThresholdSweep", "DEFAULT_THRESHOLDS"]
 
@@ -193,6 +197,8 @@ def threshold_sweep(model: nn.Module, loader: Iterable,
         raise ValueError(f"{fn}: model is already quantized; pass the float model")
     opts = dict(quantize_options)
     max_loss = float(opts.pop("max_loss", _QUANTIZE_DEFAULTS["max_loss"]))
+    if not (math.isfinite(max_loss) and max_loss >= 0):
+        raise ValueError(f"{fn}: max_loss must be finite and >= 0, got {max_loss}")
     calib = int(opts.get("calib_batches", _QUANTIZE_DEFAULTS["calib_batches"]))
     n_eval = int(opts.get("eval_batches", _QUANTIZE_DEFAULTS["eval_batches"]))
     if calib < 1 or n_eval < 1:
@@ -213,8 +219,10 @@ def threshold_sweep(model: nn.Module, loader: Iterable,
 
     # One calibration: the tables. A constant eval_fn makes its own threshold
     # loop free (one look-up, no real evaluation).
-    q = quantize(model, batches, eval_fn=lambda m: 0.0, threshold_step=ts[0],
-                 max_threshold=ts[0], progress=progress, **opts)
+    # The same split as quantize's: the held-out batches are never traced.
+    n_cal, note = plan_batches(len(batches), calib, n_eval if eval_fn is None else 0)
+    q = quantize(model, batches[:n_cal], eval_fn=lambda m: 0.0, threshold_step=ts[0],
+                 max_threshold=ts[0], progress=progress, **dict(opts, calib_batches=n_cal))
     info = q.dnateq_info
     del q
     order: List[str] = list(info["order"])
@@ -222,20 +230,22 @@ def threshold_sweep(model: nn.Module, loader: Iterable,
     bits = list(qopt["bits"])
     eval_mode_name = "lut" if qopt["mode"] == "count" else qopt["mode"]
 
-    work = split_mha(model, info["mha_replaced"])
-    if work is model:
-        work = copy.deepcopy(model)
+    work = prepare_like(model, info["mha_replaced"], info.get("conv1d_replaced", []))
     work.eval()
     build = LayerCache({n: get_module(work, n) for n in order}, tables,
                        rounding=qopt["rounding"], mode=eval_mode_name, first=order[0])
+    call = ModelCall(opts.get("forward"), opts.get("mask"), who=fn)
     held: List[Any] = []
     if eval_fn is None:
-        # quantize's held-out batches: those after the calibration ones, else
-        # the first calibration batches.
         device = model_device(work)
-        held = [to_device(batch_input(b, fn), device)
-                for b in batches[calib:calib + n_eval] or batches[:min(n_eval, calib)]]
-    search = LayerSearch(work, order, tables, bits, build, Quality(work, eval_fn, held, who=fn))
+        extra = [call.prepare(b, device, f"loader batch {n_cal + i}")
+                 for i, b in enumerate(batches[n_cal:n_cal + n_eval])]
+        kept = [call.prepare(b, device, f"loader batch {i}")
+                for i, b in enumerate(batches[:min(n_eval, n_cal)])] if not extra else []
+        held = heldout_inputs(Traces({}, [], n_cal, kept, extra, note), n_eval, who=fn)
+    search = LayerSearch(work, order, tables, bits, build,
+                         Quality(work, eval_fn, held, who=fn, call=call),
+                         aliases=info.get("shared"))
     base = search.base
     rows: List[Dict[str, Any]] = []
     for thr in _progress(ts, progress, desc="dnateq: threshold sweep"):
@@ -253,9 +263,10 @@ def _sweep_requantize(model, batches, eval_fn, ts, max_loss, progress, opts, opt
     base = None
     order: List[str] = []
     for thr in _progress(ts, progress, desc="dnateq: threshold sweep (requantize)"):
-        # max_loss=inf: the single threshold always "passes", so quantize keeps
-        # exactly the configuration of this threshold.
-        q = quantize(model, batches, eval_fn=eval_fn, max_loss=math.inf, threshold_step=thr,
+        # the largest max_loss: the single threshold always "passes", so
+        # quantize keeps exactly the configuration of this threshold.
+        q = quantize(model, batches, eval_fn=eval_fn, max_loss=sys.float_info.max,
+                     threshold_step=thr,
                      max_threshold=thr, progress=False, **opts)
         info = q.dnateq_info
         order = list(info["order"])

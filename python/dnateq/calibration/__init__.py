@@ -1,8 +1,12 @@
 """The calibration steps of ``dnateq.quantize`` (SPEC section 3), one module per
 step:
 
+- :mod:`.call` — how the model is called on a batch (``model(x)``, a tuple's
+  first item, a dict as ``model(**batch)``, or ``forward(model, batch)``), the
+  token mask, and which output the proxy compares (:class:`ModelCall`).
 - :mod:`.select` — which layers are quantized; ``nn.MultiheadAttention`` split
-  into explicit Q/K/V/out Linears (:func:`select_layers`).
+  into explicit Q/K/V/out Linears, Hugging Face ``Conv1D`` as Linear, shared
+  modules found once (:func:`select_layers`, ``select.select``).
 - :mod:`.trace` — bounded per-layer activation samples with exact extremes,
   merged across ranks under torchrun (:func:`trace_layers`, :func:`merge_traces`).
 - :mod:`.fit` — per layer, the parameters and errors of W and A for every
@@ -39,12 +43,14 @@ import importlib.util as _util
 from .allocate import (STRATEGIES, Allocation, LayerSearch, bit_totals, choose_bits,
                        register_strategy, threshold_rule)
 from .build import LayerCache, build_layer, deliver
+from .call import ModelCall, comparable_output
 from .config import QuantizeConfig
 from .fit import exponential_rss, fit_layer, fit_layers, fit_pair
 from .pipeline import (AFTER_BUILD, BEFORE_FIT, PASSES, STAGES, Calibration, calibrate,
                        executed_layers, quantize, register_pass, run_passes)
 from .quality import Quality, proxy_quality
-from .select import QUANTIZED, disable_fast_paths, select_layers, split_attention
+from .select import (QUANTIZED, Selection, disable_fast_paths, module_aliases, select_layers,
+                     split_attention)
 from .trace import Trace, Traces, merge_traces, trace_layers
 
 for _plugin in ("passes", "sensitivity"):
@@ -58,5 +64,5 @@ __all__ = [
     "deliver", "Quality", "proxy_quality", "choose_bits", "bit_totals", "LayerSearch",
     "Allocation", "threshold_rule", "STRATEGIES", "register_strategy", "Calibration",
     "PASSES", "STAGES", "BEFORE_FIT", "AFTER_BUILD", "register_pass", "run_passes",
-    "executed_layers",
+    "executed_layers", "ModelCall", "comparable_output", "Selection", "module_aliases",
 ]

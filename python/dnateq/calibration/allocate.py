@@ -78,14 +78,17 @@ class LayerSearch:
 
     ``names``: the quantized layers in execution order; ``tables``: their
     fitted tables; ``bits``: the candidate ``n``, ascending; ``build``: a
-    :class:`LayerCache`; ``quality``: a :class:`Quality` of ``work``.
+    :class:`LayerCache`; ``quality``: a :class:`Quality` of ``work``;
+    ``aliases``: {name: [other names of the same module]} (set alike).
     ``base`` is the float model's quality (measured on construction, before any
     layer is swapped). :meth:`measure` returns a configuration's quality,
     evaluating each distinct configuration once."""
 
     def __init__(self, work: nn.Module, names: Sequence[str], tables: Dict[str, Dict[str, Any]],
-                 bits: Sequence[int], build: LayerCache, quality: Quality):
+                 bits: Sequence[int], build: LayerCache, quality: Quality,
+                 aliases: Optional[Dict[str, Sequence[str]]] = None):
         self.work, self.names, self.tables = work, list(names), tables
+        self.aliases = {n: list(a) for n, a in (aliases or {}).items()}
         self.bits = sorted(int(b) for b in bits)
         self.build, self.quality = build, quality
         self.floats = build.floats
@@ -96,7 +99,9 @@ class LayerSearch:
     def apply(self, cfg: Dict[str, int]) -> None:
         """Swap the quantized layers of ``cfg`` ({name: n}) into the working model."""
         for n, b in cfg.items():
-            set_module(self.work, n, self.build(n, b))
+            layer = self.build(n, b)
+            for a in [n] + self.aliases.get(n, []):   # a shared layer stays shared
+                set_module(self.work, a, layer)
         disable_fast_paths(self.work)
 
     def measure(self, cfg: Dict[str, int]) -> Tuple[float, bool]:

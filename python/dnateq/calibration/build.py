@@ -58,11 +58,12 @@ class LayerCache:
 
 def deliver(work: nn.Module, model: nn.Module, inplace: bool, was_training: bool,
             mha_names: Sequence[str], names: Sequence[str], attr: str,
-            info: Dict[str, Any]) -> nn.Module:
+            info: Dict[str, Any], aliases: Optional[Dict[str, Sequence[str]]] = None) -> nn.Module:
     """The result of a quantizer that worked on ``work``, a copy of ``model``:
     ``work`` itself, or with ``inplace`` the replaced attention modules and
-    quantized layers moved into ``model``. Either way the fused fast paths are
-    off, the training flag is the caller's and the record is set as ``attr``."""
+    quantized layers moved into ``model`` (under every name in ``aliases``).
+    Either way the fused fast paths are off, the training flag is the caller's
+    and the record is set as ``attr``."""
     disable_fast_paths(work)
     work.train(was_training)
     setattr(work, attr, info)
@@ -70,9 +71,11 @@ def deliver(work: nn.Module, model: nn.Module, inplace: bool, was_training: bool
         return work
     for n in mha_names:
         set_module(model, n, get_module(work, n))
+    aliases = aliases or {}
     for n in names:
         if not any(n.startswith(mn + ".") for mn in mha_names):
-            set_module(model, n, get_module(work, n))
+            for a in [n] + list(aliases.get(n, [])):
+                set_module(model, a, get_module(work, n))
     disable_fast_paths(model)
     setattr(model, attr, info)
     return model

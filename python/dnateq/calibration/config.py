@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence, Tuple, Union
 
 from ..nn.modules import MODES, ROUNDINGS
+from .call import ModelCall
 
 __all__ = ["QuantizeConfig"]
 
@@ -43,6 +45,8 @@ class QuantizeConfig:
     seed: int = 0
     method: str = "paper"
     passes: Tuple[str, ...] = field(default_factory=tuple)
+    forward: Optional[Callable[[Any, Any], Any]] = None
+    mask: Any = None
 
     @classmethod
     def option_names(cls) -> Tuple[str, ...]:
@@ -55,6 +59,15 @@ class QuantizeConfig:
         """A checked, normalised copy; raises ``ValueError``/``TypeError`` naming
         the option."""
         c = dataclasses.replace(self)
+        try:
+            if isinstance(c.max_loss, (str, bytes)):
+                raise TypeError
+            max_loss = float(c.max_loss)
+        except (TypeError, ValueError):
+            raise TypeError(f"{_WHO}: max_loss must be a number, got {c.max_loss!r}") from None
+        if not (math.isfinite(max_loss) and max_loss >= 0):
+            raise ValueError(f"{_WHO}: max_loss must be finite and >= 0 (in eval_fn's units), "
+                             f"got {c.max_loss!r}")
         bits = sorted({int(b) for b in c.bits})
         if not bits or bits[0] < 2 or bits[-1] > 7:
             raise ValueError(f"{_WHO}: bits must be values in [2, 7], got {bits}")
@@ -86,6 +99,7 @@ class QuantizeConfig:
                 raise ValueError(f"{_WHO}: {name} must be >= {minimum}, got {v}")
         if c.eval_fn is not None and not callable(c.eval_fn):
             raise TypeError(f"{_WHO}: eval_fn must be callable (model -> float)")
+        ModelCall(c.forward, c.mask, _WHO)   # checks forward and mask
         from .allocate import STRATEGIES
         if c.method not in STRATEGIES:
             raise ValueError(f"{_WHO}: method must be one of {sorted(STRATEGIES)}, got "

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Union
 
@@ -31,7 +32,8 @@ from .build import LayerCache, deliver
 from .config import QuantizeConfig
 from .fit import fit_layers
 from .quality import Quality
-from .select import select_layers
+from .call import ModelCall
+from .select import Selection, select
 from .trace import Traces, trace_layers
 
 __all__ = ["quantize", "calibrate", "Calibration", "PASSES", "STAGES", "BEFORE_FIT",
@@ -77,16 +79,20 @@ class Calibration:
     tables: Dict[str, Dict[str, Any]] = field(default_factory=dict)
     smooth: Dict[str, torch.Tensor] = field(default_factory=dict)
     layer_passes: Dict[str, List[str]] = field(default_factory=dict)
+    selection: Optional[Selection] = None
+    heldout: Dict[str, Any] = field(default_factory=dict)
+    call: Optional[ModelCall] = None
 
     def passes_at(self, stage: str) -> List[Pass]:
         return [PASSES[p] for p in self.config.passes if PASSES[p].stage == stage]
 
     def retrace(self, inputs: Sequence[Any]) -> None:
-        """Trace the layers again on ``inputs`` (model inputs, as the loader's
-        batches give them), replacing ``traces.traces``."""
+        """Trace the layers again on ``inputs`` (loader batches, or the
+        prepared ones in ``traces.kept``), replacing ``traces.traces``."""
         c = self.config
         tr = trace_layers(self.model, self.names, inputs, calib_batches=len(inputs),
-                          sample_size=c.sample_size, seed=c.seed, progress=False)
+                          sample_size=c.sample_size, seed=c.seed, progress=False,
+                          call=self.call)
         self.traces.traces = tr.traces
 
     def after_build_hooks(self) -> List[Callable[[str, nn.Module, nn.Module], None]]:
@@ -133,7 +139,9 @@ def quantize(model: nn.Module, loader: Iterable, *,
              progress: bool = True,
              seed: int = 0,
              method: str = "paper",
-             passes: Sequence[str] = ()) -> nn.Module:
+             passes: Sequence[str] = (),
+             forward: Optional[Callable[[nn.Module, Any], Any]] = None,
+             mask: Any = None) -> nn.Module:
     """Calibrate ``model`` on ``loader`` and return it with DNA-TEQ quantized layers.
 
     Args:
@@ -141,15 +149,20 @@ def quantize(model: nn.Module, loader: Iterable, *,
             ``nn.Conv2d`` (``padding_mode="zeros"``; others stay float and are
             listed as skipped) and the Q/K/V/out projections of
             ``nn.MultiheadAttention`` (replaced by :class:`dnateq.nn.ExpMultiheadAttention`).
-        loader: an iterable of batches: tensors, tuples/lists (the first item is
-            the input) or dicts (the value of the first key present among
-            ``"input", "inputs", "x", "pixel_values", "input_ids", "image",
-            "images"``, else the first tensor value). The model is called as
-            ``model(input)``; inputs are moved to the model's device.
+        loader: an iterable of batches, moved to the model's device: a tensor
+            is the input (``model(x)``); of a tuple/list the first item is the
+            input (``model(batch[0])``); a dict is passed as keyword arguments
+            (``model(**batch)``, the Hugging Face convention: tokenizer output,
+            ``pixel_values``...). See ``forward`` for anything else.
         eval_fn: ``eval_fn(model) -> float``, higher is better. When None, a
-            proxy in percent on held-out loader batches: top-1 agreement with the
-            float model for ``[B, C]`` logits, else 100 x mean cosine similarity.
-        max_loss: the allowed quality loss, in ``eval_fn``'s units (default 1.0).
+            proxy in percent on held-out loader batches that calibration never
+            saw: top-1 agreement with the float model for ``[B, C]`` logits, else
+            100 x mean cosine similarity. Of a dict-like output (``ModelOutput``,
+            sentence-transformers) it compares ``sentence_embedding``, else
+            ``logits``, else ``last_hidden_state``, only at the valid positions
+            of the mask (see ``mask``).
+        max_loss: the allowed quality loss, in ``eval_fn``'s units (default 1.0;
+            finite and >= 0).
         bits: candidate exponent bits ``n`` (default 3..7).
         search: base search of ``exp_fit``: ``"golden"`` (default) or ``"paper"``.
         rounding: ``"nearest"`` (default) or ``"log"`` (the paper's).
@@ -171,9 +184,13 @@ def quantize(model: nn.Module, loader: Iterable, *,
             magnitudes when choosing the starting tensor.
         calib_batches: number of loader batches traced (default 8).
         eval_batches: for the proxy metric only, number of further loader
-            batches held out for evaluation (default 4); when the loader has no
-            more batches, the first calibration batches are reused (up to
-            ``eval_batches`` of them are kept for that).
+            batches held out for evaluation (default 4), never traced. A loader
+            (with a ``len``) too short for both calibrates on fewer batches and
+            says so in a warning; one that yields nothing after the calibration
+            batches (a one-batch loader, or an iterator of unknown length) makes
+            the proxy reuse calibration batches, with a warning that its
+            estimate is then optimistic. ``dnateq_info["estimate"]`` records the
+            estimate and on how many held-out batches it was made.
         sample_size: per-layer bound on the traced activation sample (elements).
         layers: module names, name prefixes (a submodule's name selects the
             layers inside it) or ``fnmatch`` patterns of the layers to quantize
@@ -194,6 +211,16 @@ def quantize(model: nn.Module, loader: Iterable, *,
             register in :data:`dnateq.calibration.allocate.STRATEGIES`.
         passes: names of extra calibration passes to run (registered in
             :data:`dnateq.calibration.pipeline.PASSES`; none by default).
+        forward: ``forward(model, batch) -> output`` calls the model on a
+            (device-moved) loader batch instead of the rules of ``loader``, for
+            any other convention, e.g. sentence-transformers:
+            ``forward=lambda model, batch: model(batch)``.
+        mask: which token positions count: None (default) takes a dict batch's
+            ``"attention_mask"`` (``[B, T]``, nonzero = valid); a callable
+            ``mask(batch) -> [B, T] tensor or None`` any other; False none. The
+            trace then samples only the valid positions of ``[B, T, ...]`` layer
+            inputs (padding would otherwise dominate the fit), and the proxy
+            compares only valid positions.
 
     Returns:
         The quantized model (a deep copy unless ``inplace``). ``model.dnateq_info``
@@ -213,7 +240,7 @@ def quantize(model: nn.Module, loader: Iterable, *,
         threshold_step=threshold_step, max_threshold=max_threshold, rss_normalize=rss_normalize,
         calib_batches=calib_batches, eval_batches=eval_batches, sample_size=sample_size,
         layers=layers, skip=skip, inplace=inplace, mode=mode, progress=progress, seed=seed,
-        method=method, passes=passes).validated()
+        method=method, passes=passes, forward=forward, mask=mask).validated()
     return calibrate(model, loader, config)
 
 
@@ -224,16 +251,18 @@ def calibrate(model: nn.Module, loader: Iterable, config: QuantizeConfig) -> nn.
     work = copy.deepcopy(model)
     was_training = model.training
     work.eval()
+    call = ModelCall(config.forward, config.mask)
     clock = [time.perf_counter()]
-    # 1. Layers: MultiheadAttention -> explicit projections; candidates.
-    mha_names, cands, skipped = select_layers(work, config.layers, config.skip)
-    # 2. Bounded traces (plus held-out batches for the proxy).
+    # 1. Layers: attention split into projections, Conv1D as Linear; candidates.
+    sel = select(work, config.layers, config.skip)
+    # 2. Bounded traces (valid tokens only), and held-out batches for the proxy.
     held = int(config.eval_batches) if config.eval_fn is None else 0
-    tr = trace_layers(work, cands, loader, calib_batches=config.calib_batches,
+    keep = max(held, int(config.calib_batches)) if config.passes else held   # passes re-run them
+    tr = trace_layers(work, sel.names, loader, calib_batches=config.calib_batches,
                       sample_size=config.sample_size, seed=config.seed,
-                      progress=config.progress, keep_inputs=held, extra_inputs=held)
-    names = executed_layers(tr, cands, skipped)
-    state = Calibration(work, config, names, tr, skipped, mha_names)
+                      progress=config.progress, keep_inputs=keep, extra_inputs=held, call=call)
+    names = executed_layers(tr, sel.names, sel.skipped)
+    state = Calibration(work, config, names, tr, sel.skipped, sel.mha, selection=sel, call=call)
     run_passes(BEFORE_FIT, state)
     clock.append(time.perf_counter())
     # 3. Per-layer tables: every candidate n, each tensor sorted once.
@@ -244,14 +273,39 @@ def calibrate(model: nn.Module, loader: Iterable, config: QuantizeConfig) -> nn.
     build = LayerCache({n: get_module(work, n) for n in names}, state.tables,
                        rounding=config.rounding, mode="lut" if config.mode == "count" else config.mode,
                        first=names[0], after_build=state.after_build_hooks())
-    quality = Quality(work, config.eval_fn, tr.extra or tr.kept)
-    search = LayerSearch(work, names, state.tables, config.bits, build, quality)
+    inputs = heldout_inputs(tr, held)
+    state.heldout = dict(held_out_batches=len(tr.extra) if inputs is tr.extra else 0,
+                         on_calibration_batches=bool(held) and inputs is not tr.extra)
+    quality = Quality(work, config.eval_fn, inputs, call=call)
+    search = LayerSearch(work, names, state.tables, config.bits, build, quality,
+                         aliases=sel.aliases)
     alloc = STRATEGIES[config.method](search, config)
     for n in names:
         get_module(work, n).mode = config.mode
     clock.append(time.perf_counter())
     info = _record(state, search, alloc, clock)
-    return deliver(work, model, config.inplace, was_training, mha_names, names, "dnateq_info", info)
+    return deliver(work, model, config.inplace, was_training, sel.mha, names, "dnateq_info", info,
+                   aliases=sel.aliases)
+
+
+def heldout_inputs(tr: Traces, wanted: int, who: str = "dnateq.quantize") -> List[Any]:
+    """The proxy's inputs: the held-out batches of ``tr``; when there are
+    none, the kept calibration batches, with a warning (the estimate is then
+    made on data the fit has seen). Warns too when calibration was shortened
+    to hold batches out."""
+    if wanted <= 0:
+        return []
+    if tr.heldout_note is not None:
+        warnings.warn(f"{who}: {tr.heldout_note}; pass a longer loader (calib_batches + "
+                      f"eval_batches = {tr.batches + wanted} batches) or eval_fn",
+                      UserWarning, stacklevel=4)
+    if tr.extra:
+        return tr.extra
+    warnings.warn(f"{who}: the loader has no batch left after the {tr.batches} calibration "
+                  "batches, so the proxy metric is judged on calibration batches it was fitted "
+                  "on (its estimate is optimistic); pass a loader with eval_batches more "
+                  "batches, or eval_fn", UserWarning, stacklevel=4)
+    return tr.kept
 
 
 def _record(state: Calibration, search: LayerSearch, alloc: Allocation, clock) -> Dict[str, Any]:
@@ -265,16 +319,24 @@ def _record(state: Calibration, search: LayerSearch, alloc: Allocation, clock) -
         base_quality=search.base, quality=alloc.quality, loss=search.base - alloc.quality,
         threshold=alloc.threshold, fallback=alloc.fallback, metric=search.quality.metric,
         history=alloc.history, skipped=state.skipped, order=list(state.names),
+        estimate=dict(metric=search.quality.metric, base_quality=search.base,
+                      quality=alloc.quality, loss=search.base - alloc.quality,
+                      **state.heldout),
         first_layer=state.names[0],
         tables={n: dict(start=t["start"], rss_w=t["rss_w"], rss_a=t["rss_a"],
                         a_signed=t["a_signed"], rows={b: dict(r) for b, r in t["rows"].items()})
                 for n, t in state.tables.items()},
         mha_replaced=list(state.mha_names),
+        conv1d_replaced=list(state.selection.conv1d) if state.selection else [],
+        shared={n: list(a) for n, a in (state.selection.aliases if state.selection else {}).items()
+                if n in state.names},
         options=dict(max_loss=c.max_loss, bits=list(c.bits), search=c.search,
                      rounding=c.rounding, first_layer_divisor=c.first_layer_divisor,
                      act_threshold_scale=c.act_threshold_scale,
                      threshold_step=c.threshold_step, max_threshold=c.max_threshold,
                      rss_normalize=c.rss_normalize, calib_batches=c.calib_batches,
-                     mode=c.mode, seed=c.seed),
+                     mode=c.mode, seed=c.seed, method=c.method, passes=list(c.passes),
+                     forward=c.forward is not None,
+                     mask="attention_mask" if c.mask is None else bool(c.mask)),
         **alloc.record,
     )

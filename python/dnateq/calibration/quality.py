@@ -9,19 +9,34 @@ from typing import Any, Callable, List, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from .._common import first_tensor
 from ..eval import distributed as _dist
+from .call import ModelCall, comparable_output, select_valid
 
 __all__ = ["proxy_quality", "Quality"]
 
 
-def proxy_quality(ref_outputs: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor]) -> float:
+def proxy_quality(ref_outputs: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor],
+                  kinds: Optional[Sequence[str]] = None,
+                  masks: Optional[Sequence[Optional[torch.Tensor]]] = None) -> float:
     """The proxy quality in percent: top-1 agreement with the float model for
-    ``[B, C]`` logits, else 100 x mean cosine similarity (per sample)."""
+    ``[B, C]`` logits, else 100 x mean cosine similarity (per sample, or per
+    valid token of ``[B, T, ...]`` outputs where ``masks`` give ``[B, T]``).
+    ``kinds`` (from :func:`~dnateq.calibration.call.comparable_output`):
+    ``"logits"`` always compares the top-1 (per valid token for ``[B, T, C]``);
+    ``"hidden"`` and ``"embedding"`` always the cosine; ``"tensor"`` (a plain
+    output) the top-1 for 2-D ``[B, C > 1]`` and the cosine otherwise."""
     agree, total, cos = 0.0, 0, []
-    for r, o in zip(ref_outputs, outputs):
+    n = len(ref_outputs)
+    kinds = list(kinds) if kinds is not None else ["tensor"] * n
+    masks = list(masks) if masks is not None else [None] * n
+    for r, o, kind, m in zip(ref_outputs, outputs, kinds, masks):
         r, o = r.float(), o.float()
-        if r.dim() == 2 and r.shape[1] > 1:
+        masked = m is not None and r.dim() >= 3 and tuple(r.shape[:2]) == tuple(m.shape)
+        if masked:
+            r, o = select_valid(r, m), select_valid(o, m)
+        top1 = (kind == "logits" and r.dim() == 2) or (
+            kind == "tensor" and r.dim() == 2 and r.shape[1] > 1 and not masked)
+        if top1:
             agree += float((r.argmax(1) == o.argmax(1)).sum())
             total += r.shape[0]
         else:
@@ -43,25 +58,39 @@ class Quality:
     """``quality()`` of ``model`` in its current state, higher is better:
     ``eval_fn(model)`` when given, else :func:`proxy_quality` against the
     outputs the model gave on ``inputs`` when this object was made (i.e. the
-    float model's). ``metric`` is ``"eval_fn"`` or ``"proxy"``."""
+    float model's), the inputs run through ``call`` (a
+    :class:`~dnateq.calibration.call.ModelCall`; its mask selects the valid
+    tokens compared). ``metric`` is ``"eval_fn"`` or ``"proxy"``; ``label``
+    names the inputs in error messages (``"held-out batch"``)."""
 
     def __init__(self, model: nn.Module, eval_fn: Optional[Callable[[nn.Module], float]] = None,
-                 inputs: Sequence[Any] = (), who: str = "dnateq.quantize"):
-        self.model, self.eval_fn, self.who = model, eval_fn, who
+                 inputs: Sequence[Any] = (), who: str = "dnateq.quantize",
+                 call: Optional[ModelCall] = None, label: str = "held-out batch"):
+        self.model, self.eval_fn, self.who, self.label = model, eval_fn, who, label
+        self.call = call if call is not None else ModelCall(who=who)
         self.inputs: List[Any] = list(inputs)
         self.metric = "eval_fn" if eval_fn is not None else "proxy"
         self.ref: List[torch.Tensor] = []
+        self.kinds: List[str] = []
+        self.masks: List[Optional[torch.Tensor]] = []
         if eval_fn is None:
             with torch.no_grad():
-                self.ref = [self._output(x).detach() for x in self.inputs]
+                for i, x in enumerate(self.inputs):
+                    t, kind = self._output(i, x)
+                    self.ref.append(t.detach())
+                    self.kinds.append(kind)
+                    self.masks.append(self.call.mask_of(x))
 
-    def _output(self, x: Any) -> torch.Tensor:
-        out = self.model(x)
-        t = first_tensor(out)
+    def _output(self, i: int, x: Any):
+        what = f"{self.label} {i}"
+        out = self.call.run(self.model, x, what)
+        t, kind = comparable_output(out)
         if t is None:
-            raise TypeError(f"dnateq.quantize: cannot find a tensor in the model output "
-                            f"({type(out).__name__}) for the proxy metric; pass eval_fn")
-        return t
+            raise TypeError(f"{self.who}: cannot find a tensor in the model output "
+                            f"({type(out).__name__}) on {what} for the proxy metric (it "
+                            "compares sentence_embedding, logits, last_hidden_state or the "
+                            "first tensor); pass eval_fn")
+        return t, kind
 
     def __call__(self) -> float:
         self.model.eval()
@@ -69,7 +98,9 @@ class Quality:
             q = float(self.eval_fn(self.model))
         else:
             with torch.no_grad():
-                q = proxy_quality(self.ref, [self._output(x) for x in self.inputs])
+                q = proxy_quality(self.ref, [self._output(i, x)[0]
+                                             for i, x in enumerate(self.inputs)],
+                                  self.kinds, self.masks)
         if not math.isfinite(q):
             raise ValueError(f"{self.who}: the quality metric returned {q}")
         return q

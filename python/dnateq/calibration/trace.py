@@ -11,16 +11,17 @@ negative are tracked over the whole trace, so the fit covers the true range.
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
-from .._common import batch_input, describe, get_module, model_device, to_device
+from .._common import get_module, model_device
 from .._common import progress as _bar
 from ..eval import distributed as _dist
+from .call import ModelCall, select_valid
 
-__all__ = ["Trace", "Traces", "trace_layers", "merge_traces", "TRACE_FIELDS"]
+__all__ = ["Trace", "Traces", "trace_layers", "plan_batches", "merge_traces", "TRACE_FIELDS"]
 
 
 class Trace:
@@ -89,31 +90,69 @@ class Traces:
     """What :func:`trace_layers` collected: ``traces`` ({name: bounded sample
     with exact extremes}), ``order`` (names in first-execution order),
     ``batches`` (calibration batches run), ``kept`` (the first calibration
-    inputs kept, on the model's device) and ``extra`` (further loader inputs,
-    not run)."""
+    inputs kept, on the model's device), ``extra`` (further loader inputs,
+    not run: the held-out batches) and ``heldout_note`` (None, or why fewer
+    held-out batches than asked for were kept)."""
 
-    def __init__(self, traces, order, batches, kept, extra):
+    def __init__(self, traces, order, batches, kept, extra, heldout_note=None):
         self.traces, self.order, self.batches = traces, order, batches
-        self.kept, self.extra = kept, extra
+        self.kept, self.extra, self.heldout_note = kept, extra, heldout_note
+
+
+def _length(loader: Iterable) -> Optional[int]:
+    try:
+        return int(len(loader))   # lists, DataLoaders; generators have none
+    except Exception:
+        return None
+
+
+def plan_batches(length: Optional[int], calib_batches: int, heldout: int
+                 ) -> Tuple[int, Optional[str]]:
+    """How many batches to trace when ``heldout`` batches must stay unseen by
+    calibration: ``(calibration batches, note)``. A loader of known
+    ``length`` shorter than ``calib_batches + heldout`` keeps what follows the
+    calibration batches for evaluation, and when that is nothing, calibrates on
+    fewer batches so that some are held out (the note says so)."""
+    calib = int(calib_batches)
+    if heldout <= 0 or length is None or length >= calib + heldout:
+        return calib, None
+    if length - calib >= 1:
+        return calib, None
+    if length < 2:
+        return calib, None   # nothing can be held out: the caller warns
+    hold = max(1, min(heldout, length // 2))
+    return length - hold, (f"the loader has {length} batches, fewer than calib_batches + 1 = "
+                           f"{calib + 1}: calibrating on {length - hold} and holding out "
+                           f"{hold} for the proxy")
 
 
 def trace_layers(work: nn.Module, names: Sequence[str], loader: Iterable, *,
                  calib_batches: int = 8, sample_size: int = 1 << 18, seed: int = 0,
                  progress: bool = True, keep_inputs: int = 0, extra_inputs: int = 0,
-                 who: str = "dnateq.quantize", label: str = "dnateq") -> Traces:
+                 who: str = "dnateq.quantize", label: str = "dnateq",
+                 call: Optional[ModelCall] = None) -> Traces:
     """Run ``work`` on ``calib_batches`` loader batches and record the input of
     every layer in ``names`` (forward pre-hooks, bounded memory: see
-    :class:`Trace`). ``keep_inputs`` of the calibration inputs are kept and up
-    to ``extra_inputs`` further batches are read (not run) for held-out
-    evaluation. Raises when the loader is empty, a batch is malformed or the
-    model cannot take it, or activations are non-finite; messages start with
-    ``who``, the progress bar with ``label``. Under ``torchrun`` the ranks'
-    traces are merged (:func:`merge_traces`)."""
+    :class:`Trace`). ``call`` is the calling convention (:class:`ModelCall`;
+    default: tensors and tuples as ``model(input)``, dicts as
+    ``model(**batch)``); where it gives a mask (a dict batch's
+    ``attention_mask``), only the valid token positions of ``[B, T, ...]``
+    layer inputs are traced. ``keep_inputs`` of the calibration inputs are kept
+    and up to ``extra_inputs`` further batches are read (not run) for held-out
+    evaluation: when the loader is known to be too short for them,
+    calibration takes fewer batches (:func:`plan_batches`). Raises when the
+    loader is empty, a batch is malformed or the model cannot take it, or
+    activations are non-finite; messages start with ``who``, the progress bar
+    with ``label``. Under ``torchrun`` the ranks' traces are merged
+    (:func:`merge_traces`)."""
+    call = call if call is not None else ModelCall(who=who)
     gen = torch.Generator()
     gen.manual_seed(int(seed) + _dist.rank())   # independent sampling keys per rank
     traces = {n: Trace(sample_size, gen, who) for n in names}
     order: List[str] = []
     device = model_device(work)
+    n_plan, note = plan_batches(_length(loader), int(calib_batches), int(extra_inputs))
+    mask: List[Optional[torch.Tensor]] = [None]
 
     def make_hook(name):
         def hook(mod, args):
@@ -121,7 +160,7 @@ def trace_layers(work: nn.Module, names: Sequence[str], loader: Iterable, *,
                 return
             if name not in order:
                 order.append(name)
-            traces[name].add(args[0], name)
+            traces[name].add(select_valid(args[0], mask[0]), name)
         return hook
 
     handles = [get_module(work, n).register_forward_pre_hook(make_hook(n)) for n in names]
@@ -131,33 +170,30 @@ def trace_layers(work: nn.Module, names: Sequence[str], loader: Iterable, *,
     trace_error: Optional[BaseException] = None
     try:
         it = iter(loader)
-        bar = _bar(it, progress, desc=f"{label}: tracing", total=int(calib_batches))
+        bar = _bar(it, progress, desc=f"{label}: tracing", total=n_plan)
         with torch.no_grad():
             for batch in bar:
-                x = to_device(batch_input(batch, who), device)
-                try:
-                    work(x)
-                except Exception as e:
-                    if str(e).startswith(who):
-                        raise
-                    raise RuntimeError(f"{who}: the model cannot take loader batch "
-                                       f"{n_calib} (input {describe(x)}): "
-                                       f"{type(e).__name__}: {e}") from e
+                what = f"loader batch {n_calib}"
+                x = call.prepare(batch, device, what)
+                mask[0] = call.mask_of(x)
+                call.run(work, x, what)
                 if len(kept) < int(keep_inputs):
                     kept.append(x)
                 n_calib += 1
-                if n_calib >= int(calib_batches):
+                if n_calib >= n_plan:
                     break
             if hasattr(bar, "close"):
                 bar.close()
             if int(extra_inputs) > 0:
                 for batch in it:
-                    extra.append(to_device(batch_input(batch, who), device))
+                    extra.append(call.prepare(batch, device,
+                                              f"loader batch {n_calib + len(extra)}"))
                     if len(extra) >= int(extra_inputs):
                         break
     except Exception as e:
         trace_error = e
     finally:
+        mask[0] = None
         for h in handles:
             h.remove()
     # Under torchrun every rank traced its shard: fail together (no rank hangs
@@ -169,8 +205,7 @@ def trace_layers(work: nn.Module, names: Sequence[str], loader: Iterable, *,
         order = next((o for o in _dist.all_gather_objects(order) if o), order)
     if n_calib == 0:
         raise ValueError(f"{who}: the loader yielded no batch")
-    return Traces(traces, order, n_calib, kept, extra)
-
+    return Traces(traces, order, n_calib, kept, extra, note)
 
 
 def merge_traces(traces: Dict[str, Any]) -> None:

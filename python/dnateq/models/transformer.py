@@ -197,7 +197,13 @@ class TransformerTranslator(nn.Module):
                                      tgt_is_causal=True)
         return self.generator(h)
 
-    def forward(self, src: Any, tgt: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, src: Any = None, tgt: Optional[torch.Tensor] = None, *,
+                input: Any = None, target: Any = None) -> torch.Tensor:
+        # ``input``/``target``: the keys of translation_batches' dicts, so that
+        # model(**batch) (dnateq.quantize's call of a dict batch) works; the
+        # teacher-forcing target is not an input and is ignored.
+        if src is None:
+            src = input
         if tgt is None:
             if isinstance(src, (tuple, list)) and len(src) == 2:
                 src, tgt = src
