@@ -4,7 +4,10 @@ run (torch.quantize_per_tensor, native F.linear / F.conv2d), as ratios.
     python benchmarks/bench_cpu_ops.py [--quick] [--json PATH] [--threads N]
 
 Prints a table and writes JSON (default benchmarks/results/cpu_ops.local.json).
-Targets (issue 2, 2-core machine):
+Targets (issues 2 and 13, 2-core machine):
+  GEMV M=1, K=N=4096, 2 threads (with the layout): n=3 >= 3.5x fp32 F.linear and
+    >= 1.0x torch._weight_int4pack_mm_for_cpu; n=4-5 >= 2.5x; n=7 >= 1.5x;
+    M=8 n=3 >= 2.5x ("ratio" in the gemv rows is the speedup over fp32)
   exp_quantize <= 2x torch.quantize_per_tensor (same tensor)
   LUT linear / conv <= 1.3x native float32 for batch >= 64
   count path >= 1e9 counter updates per second
@@ -62,6 +65,28 @@ def timeit_vs(fn, peer, repeat=9, min_time=0.05):
             statistics.median(p[0] / p[1] for p in pairs))
 
 
+def timeit_many(fns, base, repeat=9, min_time=0.05):
+    """Interleaved samples of several callables (one of each per round, so a
+    change in machine load hits all alike): {name: (median s, median ratio of
+    base's time to this one's, i.e. speedup over base)}."""
+    loops = {k: _loops(f, min_time) for k, f in fns.items()}
+    samples = {k: [] for k in fns}
+    for _ in range(repeat):
+        for k, f in fns.items():
+            samples[k].append(_sample(f, loops[k]))
+    return {k: (statistics.median(v),
+                statistics.median(b / t for b, t in zip(samples[base], v)))
+            for k, v in samples.items()}
+
+
+def copy_bandwidth(mb=256, repeat=7):
+    """Bytes per second of a large tensor copy (read + write), measured now."""
+    a = torch.empty(mb << 18)          # mb MiB of float32
+    b = torch.empty_like(a)
+    t = timeit(lambda: b.copy_(a), repeat=repeat, min_time=0.1)
+    return 2 * a.numel() * 4 / t
+
+
 def fitted(x, bits, alpha=None):
     a, s, b, _ = dnateq.exp_fit(x, bits, alpha=alpha)
     return a, s, b
@@ -103,6 +128,86 @@ def bench_linear(rows, quick, bits=4):
                          ms=t * 1e3, peer="F.linear fp32", peer_ms=t_peer * 1e3,
                          ratio=ratio, target="<= 1.3" if target else "(batch < 64)",
                          ok=(ratio <= 1.3) if target else None))
+
+
+def _int4_peer(w, group=128):
+    """torch._weight_int4pack_mm_for_cpu on w's groupwise int4 weights (None if
+    this torch lacks the op)."""
+    if not hasattr(torch, "_weight_int4pack_mm_for_cpu"):
+        return None
+    N, K = w.shape
+    wg = w.reshape(N, K // group, group)
+    lo, hi = wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)
+    scale = ((hi - lo) / 15).clamp_min(1e-8)
+    q = ((wg - lo) / scale).round().clamp(0, 15).to(torch.int32).reshape(N, K)
+    packed = torch._convert_weight_to_int4pack_for_cpu(q, 2)
+    zero = lo + 8 * scale    # the op computes (q - 8) * scale + zero
+    sz = torch.stack([scale.reshape(N, -1).T, zero.reshape(N, -1).T], -1).contiguous()
+    return lambda x: torch._weight_int4pack_mm_for_cpu(x, packed, group, sz)
+
+
+def bench_gemv(rows, quick):
+    """Batch 1 and 8, K = N = 4096: dnateq's layout GEMV against fp32 / bf16
+    F.linear and PyTorch's weight-only int8 and int4 CPU kernels, at 1 and 2
+    threads, samples interleaved; plus the fraction of the measured copy
+    bandwidth that the n=3 GEMV reaches (weight bytes / time)."""
+    K = N = 1024 if quick else 4096
+    w = torch.randn(N, K) / K ** 0.5
+    wb = w.to(torch.bfloat16)
+    s8 = w.abs().amax(1) / 127
+    w8 = (w / s8[:, None]).round().clamp(-127, 127).to(torch.int8)
+    int4 = _int4_peer(w)
+    threads0 = torch.get_num_threads()
+    bw = copy_bandwidth(64 if quick else 256)
+    rows.append(dict(op="copy bandwidth (tensor.copy_)", shape="256 MiB", bits=0,
+                     ms=None, peer="-", peer_ms=None, ratio=None, target="-", ok=None,
+                     gbps=bw / 1e9))
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        for M in (1, 8):
+            x = torch.randn(M, K)
+            xb = x.to(torch.bfloat16)
+            layers = {}
+            for bits in (3, 4, 5, 7):
+                a, sa, ba = fitted(x, bits)
+                _, sw, bw_ = fitted(w, bits, alpha=a)
+                wp = dnateq.exp_pack(dnateq.exp_quantize(w, a, sw, bw_, bits), bits, True)
+                lay = dnateq.exp_lut_layout(wp, [N, K], bits, True)
+                layers[bits] = (lambda wp=wp, lay=lay, a=a, sa=sa, ba=ba, sw=sw, bw_=bw_, bits=bits:
+                                dnateq.exp_linear_lut(x, wp, [N, K], a, sa, ba, sw, bw_, bits,
+                                                      True, True, "nearest", None, w_layout=lay),
+                                lay.numel())
+            fns = {"fp32": lambda: F.linear(x, w), "bf16": lambda: F.linear(xb, wb),
+                   "int8": lambda: torch._weight_int8pack_mm(x, w8, s8)}
+            if int4 is not None:
+                fns["int4"] = lambda: int4(x)
+            for bits, (f, _) in layers.items():
+                fns[f"n={bits}"] = f
+            res = timeit_many(fns, "fp32", repeat=5 if quick else 9)
+            t32 = res["fp32"][0]
+            for k, (t, speed) in res.items():
+                if k == "fp32":
+                    continue
+                row = dict(op=f"linear {k} vs fp32", shape=f"M={M} K={K} N={N} t={threads}",
+                           bits=int(k[2:]) if k.startswith("n=") else 0, ms=t * 1e3,
+                           peer="F.linear fp32", peer_ms=t32 * 1e3, ratio=speed,
+                           target="-", ok=None)
+                if k.startswith("n="):
+                    bits = int(k[2:])
+                    want = {1: {3: 3.5, 4: 2.5, 5: 2.5, 7: 1.5}, 8: {3: 2.5}}[M].get(bits)
+                    if want is not None and threads == 2:
+                        row["target"] = f">= {want}x fp32"
+                        row["ok"] = speed >= want
+                    if "int4" in res:
+                        row["vs_int4"] = res["int4"][0] / t
+                        if M == 1 and bits == 3 and threads == 2:
+                            row["target"] += ", >= 1.0x int4"
+                            row["ok"] = row["ok"] and row["vs_int4"] >= 1.0
+                    row["gbps"] = layers[bits][1] / t / 1e9
+                    if bits == 3:
+                        row["bw_frac"] = layers[bits][1] / t / bw
+                rows.append(row)
+    torch.set_num_threads(threads0)
 
 
 def bench_conv(rows, quick, bits=4):
@@ -176,6 +281,8 @@ def main():
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small shapes (smoke run)")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--only", nargs="*", default=None,
+                    help="run only these benches (quantize gemv linear conv count error)")
     ap.add_argument("--json", default=os.path.join(os.path.dirname(__file__), "results",
                                                    "cpu_ops.local.json"))
     args = ap.parse_args()
@@ -183,7 +290,10 @@ def main():
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     rows = []
-    for bench in (bench_quantize, bench_linear, bench_conv, bench_count, bench_error):
+    benches = (bench_quantize, bench_gemv, bench_linear, bench_conv, bench_count, bench_error)
+    if args.only:
+        benches = [b for b in benches if b.__name__ in {"bench_" + o for o in args.only}]
+    for bench in benches:
         bench(rows, args.quick)
     header = f"{'op':40} {'shape':26} {'n':>2} {'ms':>9} {'peer ms':>9} {'ratio':>6} {'rate':>9}  target"
     print(header)
@@ -191,9 +301,16 @@ def main():
     for r in rows:
         rate = r.get("updates_per_s")
         ok = {True: "ok", False: "MISS", None: ""}[r["ok"]]
-        print(f"{r['op']:40} {r['shape']:26} {r['bits']:>2} {r['ms']:9.3f} "
+        extra = ""
+        if r.get("vs_int4") is not None:
+            extra += f"  vs int4 {r['vs_int4']:.2f}x"
+        if r.get("gbps") is not None:
+            extra += f"  {r['gbps']:.1f} GB/s"
+        if r.get("bw_frac") is not None:
+            extra += f" ({100 * r['bw_frac']:.0f}% of copy bw)"
+        print(f"{r['op']:40} {r['shape']:26} {r['bits']:>2} {fmt(r['ms'], '9.3f')} "
               f"{fmt(r['peer_ms'], '9.3f')} {fmt(r['ratio'], '6.2f')} {fmt(rate, '9.2e')}  "
-              f"{r['target']} {ok}")
+              f"{r['target']} {ok}{extra}")
     meta = dict(torch=torch.__version__, dnateq=dnateq.__version__, threads=torch.get_num_threads(),
                 cpu=platform.processor() or platform.machine(), cores=os.cpu_count(),
                 quick=args.quick, time=time.strftime("%Y-%m-%d %H:%M:%S"))

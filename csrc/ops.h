@@ -44,7 +44,8 @@ at::Tensor exp_linear_lut(const at::Tensor& x, const at::Tensor& w_packed,
                           c10::string_view rounding,
                           const c10::optional<at::Tensor>& bias,
                           const c10::optional<at::Tensor>& w_scale = c10::nullopt,
-                          const c10::optional<at::Tensor>& w_offset = c10::nullopt);
+                          const c10::optional<at::Tensor>& w_offset = c10::nullopt,
+                          const c10::optional<at::Tensor>& w_layout = c10::nullopt);
 at::Tensor exp_conv2d_lut(const at::Tensor& x, const at::Tensor& w_packed,
                           at::IntArrayRef w_shape, double alpha, double sa,
                           double ba, double sw, double bw, int64_t bits,
@@ -54,7 +55,12 @@ at::Tensor exp_conv2d_lut(const at::Tensor& x, const at::Tensor& w_packed,
                           at::IntArrayRef stride, at::IntArrayRef padding,
                           at::IntArrayRef dilation, int64_t groups,
                           const c10::optional<at::Tensor>& w_scale = c10::nullopt,
-                          const c10::optional<at::Tensor>& w_offset = c10::nullopt);
+                          const c10::optional<at::Tensor>& w_offset = c10::nullopt,
+                          const c10::optional<at::Tensor>& w_layout = c10::nullopt);
+// Beyond SPEC's list: the offline weight layout of the LUT fast path
+// (SPEC section 9), built from exp_pack's rows; see cpu/fast_layout.h.
+at::Tensor exp_lut_layout(const at::Tensor& w_packed, at::IntArrayRef w_shape, int64_t bits,
+                          bool w_signed);
 std::tuple<double, double, double, double> exp_fit(
     const at::Tensor& x, int64_t bits, c10::string_view search,
     c10::string_view rounding, c10::optional<double> alpha);

@@ -7,6 +7,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "cpu/fast_lut.h"
+
 // An importable `dnateq._C` so that `import dnateq` loads this library and
 // runs the static registrations below; the module itself holds nothing.
 PyMODINIT_FUNC PyInit__C(void) {
@@ -38,13 +40,22 @@ TORCH_LIBRARY(dnateq, m) {
       "exp_linear_lut(Tensor x, Tensor w_packed, int[] w_shape, float alpha, "
       "float sa, float ba, float sw, float bw, int bits, bool a_signed, "
       "bool w_signed, str rounding, Tensor? bias, Tensor? w_scale=None, "
-      "Tensor? w_offset=None) -> Tensor");
+      "Tensor? w_offset=None, Tensor? w_layout=None) -> Tensor");
   m.def(
       "exp_conv2d_lut(Tensor x, Tensor w_packed, int[] w_shape, float alpha, "
       "float sa, float ba, float sw, float bw, int bits, bool a_signed, "
       "bool w_signed, str rounding, Tensor? bias, int[2] stride, "
       "int[2] padding, int[2] dilation, int groups, Tensor? w_scale=None, "
-      "Tensor? w_offset=None) -> Tensor");
+      "Tensor? w_offset=None, Tensor? w_layout=None) -> Tensor");
+  // Beyond SPEC's list: the offline weight layout of the LUT fast path
+  // (SPEC section 9), uint8 1-D, versioned, built from w_packed.
+  m.def("exp_lut_layout(Tensor w_packed, int[] w_shape, int bits, bool signed) -> Tensor");
+  // CPU kernel family: "" queries, "auto" / "avx512" / "avx2" / "portable"
+  // sets; returns the active one. And the path of the last CPU LUT call.
+  m.def("_cpu_isa(str isa=\"\") -> str", [](c10::string_view isa) {
+    return dnateq::cpu::cpu_isa(isa);
+  });
+  m.def("_lut_path() -> str", []() { return dnateq::cpu::lut_path(); });
   m.def(
       "exp_fit(Tensor x, int bits, str search=\"golden\", "
       "str rounding=\"nearest\", float? alpha=None) "

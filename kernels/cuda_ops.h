@@ -45,7 +45,8 @@ at::Tensor exp_linear_lut(const at::Tensor& x, const at::Tensor& w_packed,
                           c10::string_view rounding,
                           const c10::optional<at::Tensor>& bias,
                           const c10::optional<at::Tensor>& w_scale = c10::nullopt,
-                          const c10::optional<at::Tensor>& w_offset = c10::nullopt);
+                          const c10::optional<at::Tensor>& w_offset = c10::nullopt,
+                          const c10::optional<at::Tensor>& w_layout = c10::nullopt);
 at::Tensor exp_conv2d_lut(const at::Tensor& x, const at::Tensor& w_packed,
                           at::IntArrayRef w_shape, double alpha, double sa,
                           double ba, double sw, double bw, int64_t bits,
@@ -55,7 +56,8 @@ at::Tensor exp_conv2d_lut(const at::Tensor& x, const at::Tensor& w_packed,
                           at::IntArrayRef stride, at::IntArrayRef padding,
                           at::IntArrayRef dilation, int64_t groups,
                           const c10::optional<at::Tensor>& w_scale = c10::nullopt,
-                          const c10::optional<at::Tensor>& w_offset = c10::nullopt);
+                          const c10::optional<at::Tensor>& w_offset = c10::nullopt,
+                          const c10::optional<at::Tensor>& w_layout = c10::nullopt);
 // Copies x to the CPU and calls dnateq::cpu::exp_fit (the fit is a search of
 // O(2^n log N) steps over sorted magnitudes; the CPU result is the reference,
 // so both backends return identical parameters).

@@ -179,7 +179,8 @@ at::Tensor exp_linear_lut(const at::Tensor& x, const at::Tensor& w_packed,
                           bool w_signed, c10::string_view rounding,
                           const c10::optional<at::Tensor>& bias,
                           const c10::optional<at::Tensor>& w_scale,
-                          const c10::optional<at::Tensor>& w_offset) {
+                          const c10::optional<at::Tensor>& w_offset,
+                          const c10::optional<at::Tensor>& /*w_layout: CPU fast path only*/) {
   const auto [N, K] = check_linear_lut_shapes(x, w_shape);
   const LutArgs A = check_lut_args(x, w_packed, N, K, alpha, sa, ba, sw, bw, bits, w_signed,
                                    rounding, bias, N, w_scale, w_offset);
@@ -235,7 +236,8 @@ at::Tensor exp_conv2d_lut(const at::Tensor& x, const at::Tensor& w_packed,
                           at::IntArrayRef stride, at::IntArrayRef padding,
                           at::IntArrayRef dilation, int64_t groups,
                           const c10::optional<at::Tensor>& w_scale,
-                          const c10::optional<at::Tensor>& w_offset) {
+                          const c10::optional<at::Tensor>& w_offset,
+                          const c10::optional<at::Tensor>& /*w_layout: CPU fast path only*/) {
   check_w_shape(w_shape, 4, "[O, C/groups, kh, kw] for a conv weight");
   check_conv_geometry(x.sizes(), w_shape, stride, padding, dilation, groups, "x", "w_shape");
   const int64_t O = w_shape[0], K = w_shape[1] * w_shape[2] * w_shape[3];

@@ -15,12 +15,11 @@ namespace detail {
 
 #if defined(__x86_64__) || defined(_M_X64)
 #define DNATEQ_X86 1
-// Whether this CPU runs the AVX2 kernels (compiled with target attributes,
-// so the library still loads on CPUs without AVX2). Checked once.
-inline bool cpu_has_avx2() {
-  static const bool yes = __builtin_cpu_supports("avx2");
-  return yes;
-}
+// Whether the AVX2 kernels run (compiled with target attributes, so the
+// library still loads on CPUs without AVX2): the CPU has AVX2 and FMA and
+// DNATEQ_CPU_ISA / dnateq::_cpu_isa did not force the portable kernels
+// (fast_lut.h).
+bool cpu_has_avx2();
 #endif
 
 // Elements processed per inner block (fits the code-count buffer on the stack).

@@ -12,6 +12,7 @@ TORCH_LIBRARY_IMPL(dnateq, CPU, m) {
   m.impl("exp_conv2d_count", &dnateq::cpu::exp_conv2d_count);
   m.impl("exp_linear_lut", &dnateq::cpu::exp_linear_lut);
   m.impl("exp_conv2d_lut", &dnateq::cpu::exp_conv2d_lut);
+  m.impl("exp_lut_layout", &dnateq::cpu::exp_lut_layout);
   m.impl("exp_fit", &dnateq::cpu::exp_fit);
   m.impl("exp_error", &dnateq::cpu::exp_error);
   m.impl("exp_errors", &dnateq::cpu::exp_errors);

@@ -185,8 +185,7 @@ void dot_packed_row(const uint8_t* row, int64_t K, int64_t row_bytes, int b,
                     const float* lut, const float* x, int64_t ldx, int M, float* out) {
   if (M <= 0) return;
 #ifdef DNATEQ_X86
-  static const bool fma = cpu_has_avx2() && __builtin_cpu_supports("fma");
-  if (fma) return avx2_dot(row, K, row_bytes, b, lut, x, ldx, M, out);
+  if (cpu_has_avx2()) return avx2_dot(row, K, row_bytes, b, lut, x, ldx, M, out);
 #endif
   // Portable path: decode the row with the portable decoder, then dot.
   static thread_local std::vector<float> w;

@@ -16,6 +16,7 @@
 #include "../checks.h"
 #include "../ops.h"
 #include "cpu_kernels.h"
+#include "fast_lut.h"
 
 namespace dnateq {
 namespace cpu {
@@ -155,7 +156,8 @@ at::Tensor exp_linear_lut(const at::Tensor& x, const at::Tensor& w_packed,
                           bool w_signed, c10::string_view rounding,
                           const c10::optional<at::Tensor>& bias,
                           const c10::optional<at::Tensor>& w_scale,
-                          const c10::optional<at::Tensor>& w_offset) {
+                          const c10::optional<at::Tensor>& w_offset,
+                          const c10::optional<at::Tensor>& w_layout) {
   const auto [N, K] = check_linear_lut_shapes(x, w_shape);
   const LutArgs A = check_lut_args(x, w_packed, N, K, alpha, sa, ba, sw, bw, bits, w_signed,
                                    rounding, bias, N, w_scale, w_offset);
@@ -171,11 +173,26 @@ at::Tensor exp_linear_lut(const at::Tensor& x, const at::Tensor& w_packed,
     y = y.reshape(out_shape);
     return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
   }
+  const bool has_layout = w_layout.has_value() && w_layout->defined();
+  if (has_layout) {
+    if (M >= 1 && M <= kFastMaxRows && active_isa() == Isa::kAvx512) {
+      // fast_linear validates the layout against this weight.
+      at::Tensor y = fast_linear(x, *w_layout, w_packed, N, K, A.ta, A.tw, alpha,
+                                 A.wc.scale, A.wc.offset, w_signed, A.bias)
+                         .reshape(out_shape);
+      return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+    }
+    // Another path reads w_packed; a layout that does not belong to it is
+    // still an error.
+    validate_layout(*w_layout, w_packed, N, K, bits, w_signed);
+  }
   const at::Tensor xq = detail::fake_quantize_to_float(x, A.ta, "x").reshape({M, K});
   at::Tensor y;
   if (xq.size(0) <= kGemvMaxRows && K > 0) {
+    note_lut_path(active_isa() >= Isa::kAvx2 ? LutPath::kAvx2 : LutPath::kPortable);
     y = fused_gemv(xq, w_packed.contiguous(), N, K, T, A.bias);
   } else if (xq.numel() <= kPanelMaxActivations) {
+    note_lut_path(LutPath::kGemm);
     y = panel_gemm(xq, w_packed.contiguous(), N, K, T, A.bias);
   } else {
     // Large activations would be re-read from memory by every panel: decode
@@ -196,7 +213,8 @@ at::Tensor exp_conv2d_lut(const at::Tensor& x, const at::Tensor& w_packed,
                           at::IntArrayRef stride, at::IntArrayRef padding,
                           at::IntArrayRef dilation, int64_t groups,
                           const c10::optional<at::Tensor>& w_scale,
-                          const c10::optional<at::Tensor>& w_offset) {
+                          const c10::optional<at::Tensor>& w_offset,
+                          const c10::optional<at::Tensor>& w_layout) {
   check_w_shape(w_shape, 4, "[O, C/groups, kh, kw] for a conv weight");
   check_conv_geometry(x.sizes(), w_shape, stride, padding, dilation, groups, "x", "w_shape");
   const int64_t O = w_shape[0], K = w_shape[1] * w_shape[2] * w_shape[3];
@@ -212,6 +230,10 @@ at::Tensor exp_conv2d_lut(const at::Tensor& x, const at::Tensor& w_packed,
     return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
   }
   const RowTables T(A.tw, w_signed, A.wc, alpha);
+  if (w_layout.has_value() && w_layout->defined()) {
+    validate_layout(*w_layout, w_packed, O, K, bits, w_signed);
+  }
+  note_lut_path(LutPath::kGemm);
   const at::Tensor xq = detail::fake_quantize_to_float(x, A.ta, "x");
   const at::Tensor wq = decode_weight(w_packed, O, K, T).reshape(w_shape);
   at::Tensor y = at::conv2d(xq, wq, A.bias.defined() ? c10::optional<at::Tensor>(A.bias)

@@ -11,6 +11,8 @@
 #include "bucket_encoder.h"
 #include "compare_encoder.h"
 #include "cpu_kernels.h"
+#include "fast_layout.h"
+#include "fast_lut.h"
 
 namespace dnateq {
 namespace cpu {
@@ -132,6 +134,13 @@ bool fake_quantize_block(const float* x, int64_t n, const ExpTables& t,
   return ok;
 }
 
+inline bool avx512_encode(const ExpTables& t, const float* in, int64_t n, int8_t* out) {
+  return fast::encode_codes_avx512(t.thresholds, t.n_thr, in, n, out);
+}
+inline bool avx512_encode(const ExpTables& t, const float* in, int64_t n, float* out) {
+  return fast::encode_levels_avx512(t.thresholds, t.n_thr, t.levels, in, n, out);
+}
+
 // Encodes a contiguous tensor into `o` with the fastest exact encoder for the
 // table: bits <= 3 compare in registers (any size); larger tables use the
 // bucket table on large tensors, else (small tensors, dense thresholds) the
@@ -140,15 +149,19 @@ bool fake_quantize_block(const float* x, int64_t n, const ExpTables& t,
 template <typename Out, typename CompareFn, typename BucketFn, typename BlockFn>
 bool encode_tensor(const at::Tensor& x, const ExpTables& t, Out* o, CompareFn compare_fn,
                    BucketFn bucket_fn, BlockFn block_fn) {
-  const bool compare = compare_encoder_ok(t);
+  // AVX-512 first (every n), then the AVX2 register compare (n <= 5), the
+  // bucket table, the portable counting comparator.
+  const bool avx512 = active_isa() == Isa::kAvx512;
+  const bool compare = !avx512 && compare_encoder_ok(t);
   BucketEncoder enc;
-  if (!compare && x.numel() >= kBucketMinElements) build_bucket_encoder(t, enc);
+  if (!avx512 && !compare && x.numel() >= kBucketMinElements) build_bucket_encoder(t, enc);
   auto encode = [&](const float* in, int64_t n, Out* out) {
+    if (avx512) return avx512_encode(t, in, n, out);
     if (compare) return compare_fn(t, in, n, out);
     if (enc.ok) return bucket_fn(enc, in, n, out);
     return block_fn(in, n, t, out);
   };
-  const bool direct = (compare || enc.ok) && x.scalar_type() == at::kFloat;
+  const bool direct = (avx512 || compare || enc.ok) && x.scalar_type() == at::kFloat;
   std::atomic<bool> ok{true};
   at::parallel_for(0, x.numel(), 16 * kBlock, [&](int64_t b0, int64_t b1) {
     if (direct) {

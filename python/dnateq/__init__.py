@@ -9,8 +9,8 @@ from . import _C  # noqa: F401  registers the operators (TORCH_LIBRARY)
 from . import _meta  # noqa: F401  fake kernels for torch.compile / export
 from . import ops, reference
 from .ops import (exp_conv2d_count, exp_conv2d_lut, exp_dequantize, exp_error,
-                  exp_errors, exp_fit, exp_fits, exp_linear_count, exp_linear_lut, exp_pack,
-                  exp_quantize, exp_unpack, weight_terms)
+                  exp_errors, exp_fit, exp_fits, exp_linear_count, exp_linear_lut,
+                  exp_lut_layout, exp_pack, exp_quantize, exp_unpack, weight_terms)
 from . import nn  # noqa: E402  quantized modules (dnateq.nn.ExpLinear, ...)
 from .calibrate import quantize  # noqa: E402
 from .report import Report, report  # noqa: E402
@@ -26,6 +26,7 @@ __all__ = [
     "ops", "reference", "exp_quantize", "exp_dequantize", "exp_pack",
     "exp_unpack", "exp_linear_count", "exp_conv2d_count", "exp_linear_lut",
     "exp_conv2d_lut", "exp_fit", "exp_fits", "exp_error", "exp_errors", "weight_terms",
+    "exp_lut_layout",
     "nn", "quantize", "report", "Report", "baselines", "save", "load", "DnateqFileError",
     "analysis", "eval", "models", "hw",
 ]

@@ -74,7 +74,7 @@ def _conv2d_count(a_codes, w_codes, alpha, sa, ba, sw, bw, bits, bias, stride, p
 
 @_register("exp_linear_lut")
 def _linear_lut(x, w_packed, w_shape, alpha, sa, ba, sw, bw, bits, a_signed, w_signed,
-                rounding, bias, w_scale=None, w_offset=None):
+                rounding, bias, w_scale=None, w_offset=None, w_layout=None):
     n, k = C.check_linear_lut_shapes(x, w_shape)
     C.check_lut_args(x, w_packed, n, k, alpha, sa, ba, sw, bw, bits, w_signed, rounding, bias,
                      n, w_scale, w_offset)
@@ -83,7 +83,8 @@ def _linear_lut(x, w_packed, w_shape, alpha, sa, ba, sw, bw, bits, a_signed, w_s
 
 @_register("exp_conv2d_lut")
 def _conv2d_lut(x, w_packed, w_shape, alpha, sa, ba, sw, bw, bits, a_signed, w_signed,
-                rounding, bias, stride, padding, dilation, groups, w_scale=None, w_offset=None):
+                rounding, bias, stride, padding, dilation, groups, w_scale=None, w_offset=None,
+                w_layout=None):
     C.check_w_shape(w_shape, 4, "[O, C/groups, kh, kw] for a conv weight")
     ho, wo = C.check_conv_geometry(x.shape, w_shape, stride, padding, dilation, groups, "x",
                                    "w_shape")
@@ -91,6 +92,19 @@ def _conv2d_lut(x, w_packed, w_shape, alpha, sa, ba, sw, bw, bits, a_signed, w_s
     C.check_lut_args(x, w_packed, o, k, alpha, sa, ba, sw, bw, bits, w_signed, rounding, bias,
                      o, w_scale, w_offset)
     return x.new_empty((x.shape[0], o, ho, wo))
+
+
+@_register("exp_lut_layout")
+def _lut_layout(w_packed, w_shape, bits, signed):
+    C.check_bits(bits)
+    rows, K = C.packed_dims(w_shape)
+    C.check_packed(w_packed, rows, K, bits, signed, "w_packed")
+    b = bits + 1 if signed else bits
+    if bits <= 5:
+        row_bytes = -(-K // 32) * (16 + 4 * max(b - 4, 0))
+    else:
+        row_bytes = -(-K // 64) * 64
+    return w_packed.new_empty((64 + rows * row_bytes,), dtype=torch.uint8)
 
 
 @_register("exp_errors")

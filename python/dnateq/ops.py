@@ -83,12 +83,18 @@ def exp_linear_lut(x: torch.Tensor, w_packed: torch.Tensor, w_shape: Sequence[in
                    a_signed: bool, w_signed: bool, rounding: str = "nearest",
                    bias: Optional[torch.Tensor] = None, *,
                    w_scale: Optional[torch.Tensor] = None,
-                   w_offset: Optional[torch.Tensor] = None) -> torch.Tensor:
+                   w_offset: Optional[torch.Tensor] = None,
+                   w_layout: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Fast path: quantize ``x`` with (alpha, sa, ba), dequantize it and the packed
     weights through their level tables, and run a native matmul. Output dtype = x.dtype.
-    ``w_scale``/``w_offset``: per-output-channel weight parameters (float32 ``[N]``)."""
+    ``w_scale``/``w_offset``: per-output-channel weight parameters (float32 ``[N]``).
+
+    ``w_layout`` (from :func:`exp_lut_layout`, optional) lets the CPU run its
+    register-table GEMV kernels for up to 8 rows of ``x``; it must belong to
+    ``w_packed`` (checked), and the result is the same with or without it."""
     return _ops.exp_linear_lut(x, w_packed, list(w_shape), alpha, sa, ba, sw, bw, bits,
-                               a_signed, w_signed, rounding, bias, *_channel(w_scale, w_offset))
+                               a_signed, w_signed, rounding, bias,
+                               **_lut_extra(w_scale, w_offset, w_layout))
 
 
 def exp_conv2d_lut(x: torch.Tensor, w_packed: torch.Tensor, w_shape: Sequence[int],
@@ -97,12 +103,44 @@ def exp_conv2d_lut(x: torch.Tensor, w_packed: torch.Tensor, w_shape: Sequence[in
                    bias: Optional[torch.Tensor] = None, stride=(1, 1), padding=(0, 0),
                    dilation=(1, 1), groups: int = 1, *,
                    w_scale: Optional[torch.Tensor] = None,
-                   w_offset: Optional[torch.Tensor] = None) -> torch.Tensor:
+                   w_offset: Optional[torch.Tensor] = None,
+                   w_layout: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Fast path for conv2d on packed weights (see :func:`exp_linear_lut`)."""
     return _ops.exp_conv2d_lut(x, w_packed, list(w_shape), alpha, sa, ba, sw, bw, bits,
                                a_signed, w_signed, rounding, bias, _pair(stride),
                                _pair(padding), _pair(dilation), groups,
-                               *_channel(w_scale, w_offset))
+                               **_lut_extra(w_scale, w_offset, w_layout))
+
+
+def exp_lut_layout(w_packed: torch.Tensor, w_shape: Sequence[int], bits: int,
+                   signed: bool) -> torch.Tensor:
+    """The offline weight layout of the LUT fast path (SPEC section 9), built from
+    ``exp_pack``'s rows: a versioned ``uint8`` 1-D tensor for the ``w_layout``
+    argument of :func:`exp_linear_lut` / :func:`exp_conv2d_lut`. ``w_packed``
+    stays the interchange format; rebuild the layout from it, never the reverse.
+    CPU only."""
+    if isinstance(w_packed, torch.Tensor) and w_packed.device.type != "cpu":
+        raise RuntimeError(f"dnateq: exp_lut_layout is the CPU fast path's layout; build it "
+                           f"from w_packed on the CPU (got a tensor on {w_packed.device})")
+    return _ops.exp_lut_layout(w_packed, list(w_shape), bits, signed)
+
+
+LAYOUT_VERSION = 1
+
+
+def cpu_isa(isa: Optional[str] = None) -> str:
+    """The CPU kernel family the operators use: ``"avx512"``, ``"avx2"`` or
+    ``"portable"``. ``isa`` forces one (an error if the CPU lacks it; ``"auto"``
+    returns to the best). The environment variable ``DNATEQ_CPU_ISA`` sets the
+    starting choice."""
+    return _ops._cpu_isa(isa or "")
+
+
+def last_lut_path() -> str:
+    """Which kernels the last CPU ``exp_linear_lut`` / ``exp_conv2d_lut`` call ran:
+    ``"avx512"`` (layout GEMV), ``"avx2"`` / ``"portable"`` (packed-row GEMV) or
+    ``"gemm"`` (decode then native matmul/conv)."""
+    return _ops._lut_path()
 
 
 def exp_fit(x: torch.Tensor, bits: int, search: str = "golden", rounding: str = "nearest",
@@ -182,6 +220,15 @@ def _channel(w_scale, w_offset) -> tuple:
     if w_scale is None and w_offset is None:
         return ()
     return (w_scale, w_offset)
+
+
+def _lut_extra(w_scale, w_offset, w_layout) -> dict:
+    """The appended arguments of the LUT ops that are given (as keywords), so a
+    call with none of them is the one of before."""
+    extra = dict(zip(("w_scale", "w_offset"), _channel(w_scale, w_offset)))
+    if w_layout is not None:
+        extra["w_layout"] = w_layout
+    return extra
 
 
 def _pair(v) -> list:

@@ -59,8 +59,11 @@ _EXP = {"ExpLinear": ExpLinear, "ExpConv2d": ExpConv2d}
 _UNIFORM = {"UniformLinear": UniformLinear, "UniformConv2d": UniformConv2d}
 _FLOAT_OF = {"ExpLinear": nn.Linear, "ExpConv2d": nn.Conv2d, "UniformLinear": nn.Linear,
              "UniformConv2d": nn.Conv2d}
-# Buffers a quantized layer rebuilds on load instead of storing.
-_DERIVED = ("w_terms",)
+# Buffers a quantized layer rebuilds on load instead of storing: the weight
+# terms, and the fast path's weight layout (derived from w_packed; keeping it
+# out of the file keeps the file size following the bits, and a layout is
+# always rebuilt in the current layout version).
+_DERIVED = ("w_terms", "w_layout")
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -390,6 +393,7 @@ def _rebuild(float_layer: nn.Module, cls_name: str, entry: Dict[str, Any],
         q.w_packed = packed.clone()
         q.w_terms = ops.weight_terms(codes, bits)
         _load_channel_buffers(q, state, name, want)
+        q._refresh_layout()
     else:
         w_int = state.get(f"{name}.w_int")
         if w_int is None:

@@ -39,6 +39,7 @@ __all__ = [
     "exp_quantize", "exp_dequantize", "exp_pack", "exp_unpack",
     "exp_linear_count", "exp_conv2d_count", "exp_linear_lut", "exp_conv2d_lut",
     "exp_fit", "exp_error", "exp_errors", "count_terms", "dequantize_channels",
+    "exp_lut_layout",
 ]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -413,6 +414,85 @@ def exp_unpack(packed: torch.Tensor, bits: int, signed: bool,
 
 
 # ---------------------------------------------------------------------------
+# The LUT fast path's offline weight layout (SPEC section 9; csrc/cpu/fast_layout.h)
+# ---------------------------------------------------------------------------
+
+LAYOUT_MAGIC = 0x4C515444   # "DTQL"
+LAYOUT_VERSION = 1
+LAYOUT_HEADER_BYTES = 64
+
+
+def _layout_fingerprint(packed: torch.Tensor) -> int:
+    """FNV-1a over 16 sampled 8-byte words of the packed bytes (and their count)."""
+    p = packed.detach().cpu().contiguous().reshape(-1)
+    n = p.numel()
+    m64 = (1 << 64) - 1
+    h = 1469598103934665603 ^ n
+    if n >= 8:
+        raw = bytes(p.numpy().tobytes())
+        for i in range(16):
+            off = (n - 8) * i // 15
+            v = int.from_bytes(raw[off:off + 8], "little")
+            h = ((h ^ v) * 1099511628211) & m64
+    else:
+        for v in p.tolist():
+            h = ((h ^ v) * 1099511628211) & m64
+    return h
+
+
+def exp_lut_layout(w_packed: torch.Tensor, w_shape: Sequence[int], bits: int,
+                   signed: bool) -> torch.Tensor:
+    """Reference of ``dnateq.exp_lut_layout``: the versioned offline layout of a
+    packed weight, byte for byte (64-byte header, then the rows).
+
+    ``bits <= 5`` (kind 1): groups of 32 fields, 16 bytes of low nibbles
+    (byte j holds fields j and j+16), then one 32-bit plane per field bit above 3.
+    ``bits >= 6`` (kind 2): one byte per field (biased exponent, sign at bit 7) in
+    groups of 64, field ``16r + 4l + i`` stored at ``16l + 4r + i``.
+    """
+    bits = _check_bits(bits)
+    signed = bool(signed)
+    shape = [int(s) for s in w_shape]
+    rows, K = pack_rows(shape)
+    codes = exp_unpack(w_packed, bits, signed, shape).reshape(rows, K).cpu()
+    u = codes.view(torch.uint8).to(torch.int64)
+    mag = u & 0x7F
+    sgn = (u >> 7) & 1
+    b = packed_field_bits(bits, signed)
+    field = mag | (sgn << bits) if signed else mag
+    if bits <= 5:
+        kind, group = 1, 32
+        G = -(-K // 32)
+        f = torch.zeros(rows, G * 32, dtype=torch.int64)
+        f[:, :K] = field
+        f = f.reshape(rows, G, 32)
+        nib = (f[:, :, :16] & 15) | ((f[:, :, 16:] & 15) << 4)
+        parts = [nib]
+        for p in range(max(b - 4, 0)):
+            bit = (f >> (4 + p)) & 1                       # [rows, G, 32]
+            word = (bit << torch.arange(32, dtype=torch.int64)).sum(-1)   # [rows, G]
+            parts.append(torch.stack([(word >> (8 * i)) & 255 for i in range(4)], -1))
+        data = torch.cat(parts, -1).reshape(rows, -1)
+    else:
+        kind, group = 2, 64
+        G = -(-K // 64)
+        f = torch.zeros(rows, G * 64, dtype=torch.int64)
+        f[:, :K] = mag | (sgn << 7)
+        # position 16l + 4r + i holds field 16r + 4l + i
+        f = f.reshape(rows, G, 4, 4, 4).transpose(2, 3)
+        data = f.reshape(rows, -1)
+    row_bytes = data.shape[1] if rows else (-(-K // group) * (16 + 4 * max(b - 4, 0))
+                                            if kind == 1 else -(-K // 64) * 64)
+    head = bytearray(LAYOUT_HEADER_BYTES)
+    import struct
+    struct.pack_into("<IIqqIIIIqQ", head, 0, LAYOUT_MAGIC, LAYOUT_VERSION, rows, K, bits,
+                     int(signed), kind, group, row_bytes, _layout_fingerprint(w_packed))
+    out = torch.cat([torch.frombuffer(head, dtype=torch.uint8),
+                     data.to(torch.uint8).reshape(-1)])
+    return out.to(w_packed.device)
+
+
+# ---------------------------------------------------------------------------
 # Exponential-domain dot products (SPEC section 4)
 # ---------------------------------------------------------------------------
 
@@ -655,9 +735,11 @@ def exp_linear_lut(x: torch.Tensor, w_packed: torch.Tensor, w_shape: Sequence[in
                    a_signed: bool, w_signed: bool, rounding: str = "nearest",
                    bias: Optional[torch.Tensor] = None,
                    w_scale: Optional[torch.Tensor] = None,
-                   w_offset: Optional[torch.Tensor] = None) -> torch.Tensor:
+                   w_offset: Optional[torch.Tensor] = None,
+                   w_layout: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Reference of ``dnateq.exp_linear_lut``: fake-quantize ``x``, dequantize the
-    unpacked weights, ``F.linear`` in float32, cast to ``x.dtype``."""
+    unpacked weights, ``F.linear`` in float32, cast to ``x.dtype``. ``w_layout``
+    (the CPU fast path's weight layout) does not change the result and is not read."""
     _check_float_input(x, "x")
     _check_rounding(rounding)
     alpha, sa, ba, bits = _check_params(alpha, sa, ba, bits, "sa", "ba")
@@ -685,7 +767,8 @@ def exp_conv2d_lut(x: torch.Tensor, w_packed: torch.Tensor, w_shape: Sequence[in
                    bias: Optional[torch.Tensor] = None, stride=(1, 1), padding=(0, 0),
                    dilation=(1, 1), groups: int = 1,
                    w_scale: Optional[torch.Tensor] = None,
-                   w_offset: Optional[torch.Tensor] = None) -> torch.Tensor:
+                   w_offset: Optional[torch.Tensor] = None,
+                   w_layout: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Reference of ``dnateq.exp_conv2d_lut`` (fake quantization + ``F.conv2d``)."""
     _check_float_input(x, "x")
     _check_rounding(rounding)

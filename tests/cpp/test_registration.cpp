@@ -42,11 +42,11 @@ TEST(Registration, SchemasInBindingOrder) {
                "w_offset"}));
   EXPECT_EQ(arg_names(op("exp_linear_lut")),
             (V{"x", "w_packed", "w_shape", "alpha", "sa", "ba", "sw", "bw", "bits",
-               "a_signed", "w_signed", "rounding", "bias", "w_scale", "w_offset"}));
+               "a_signed", "w_signed", "rounding", "bias", "w_scale", "w_offset", "w_layout"}));
   EXPECT_EQ(arg_names(op("exp_conv2d_lut")),
             (V{"x", "w_packed", "w_shape", "alpha", "sa", "ba", "sw", "bw", "bits",
                "a_signed", "w_signed", "rounding", "bias", "stride", "padding",
-               "dilation", "groups", "w_scale", "w_offset"}));
+               "dilation", "groups", "w_scale", "w_offset", "w_layout"}));
   EXPECT_EQ(arg_names(op("exp_fit")), (V{"x", "bits", "search", "rounding", "alpha"}));
   EXPECT_EQ(arg_names(op("exp_error")),
             (V{"x", "alpha", "scale", "offset", "bits", "rounding"}));
@@ -56,7 +56,8 @@ TEST(Registration, SchemasInBindingOrder) {
 TEST(Registration, EveryOpHasACpuKernel) {
   for (const char* name :
        {"exp_quantize", "exp_dequantize", "exp_pack", "exp_unpack", "exp_linear_count",
-        "exp_conv2d_count", "exp_linear_lut", "exp_conv2d_lut", "exp_fit", "exp_error"}) {
+        "exp_conv2d_count", "exp_linear_lut", "exp_conv2d_lut", "exp_fit", "exp_error",
+        "exp_lut_layout"}) {
     EXPECT_TRUE(op(name).hasKernelForDispatchKey(c10::DispatchKey::CPU)) << name;
   }
 }

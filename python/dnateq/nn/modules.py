@@ -173,6 +173,11 @@ class _ExpBase(nn.Module):
                                  for j in range(w.shape[0])]).to(w.device)
         self.register_buffer("w_packed", ops.exp_pack(codes, bits, self.w_signed))
         self.register_buffer("w_terms", ops.weight_terms(codes, bits))
+        # The CPU fast path's offline layout of w_packed (SPEC section 9), rebuilt
+        # whenever w_packed changes (see _lut_layout).
+        self.register_buffer("w_layout", None)
+        self._layout_key = None
+        self._refresh_layout()
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
         self.register_buffer("w_scale", None if w_scale is None else w_scale.to(w.device))
         self.register_buffer("w_offset", None if w_offset is None else w_offset.to(w.device))
@@ -242,6 +247,36 @@ class _ExpBase(nn.Module):
                     ba=self.ba, a_signed=self.a_signed, w_signed=self.w_signed,
                     rounding=self.rounding, w_shape=list(self.w_shape),
                     per_channel=self.per_channel, smooth=self.smooth is not None)
+
+    def _refresh_layout(self) -> None:
+        """(Re)build ``w_layout`` from ``w_packed`` (CPU weights only; None elsewhere)."""
+        wp = self.w_packed
+        if wp is None or wp.device.type != "cpu":
+            self.w_layout = None
+        else:
+            self.w_layout = ops.exp_lut_layout(wp, self.w_shape, self.bits, self.w_signed)
+        self._layout_key = self._layout_state()
+
+    def _layout_state(self):
+        wp, lay = self.w_packed, self.w_layout
+        return (wp.data_ptr(), wp._version, wp.device,
+                None if lay is None else (lay.data_ptr(), lay._version))
+
+    def _lut_layout(self) -> Optional[torch.Tensor]:
+        """The layout for a "lut" forward: rebuilt first when w_packed or the layout
+        changed since it was built (assignment, load_state_dict, .to())."""
+        if torch.compiler.is_compiling():
+            return self.w_layout
+        if self._layout_key != self._layout_state():
+            self._refresh_layout()
+        return self.w_layout
+
+    def resident_weight_bytes(self) -> int:
+        """Bytes of the weight state the layer keeps resident: packed codes, the
+        fast-path layout, the count path's weight terms and the bias (no float
+        copy of the weights is kept)."""
+        return sum(t.numel() * t.element_size() for t in
+                   (self.w_packed, self.w_layout, self.w_terms, self.bias) if t is not None)
 
     def get_extra_state(self):
         return {"params": self.params(), "mode": self.mode, "counter_bits": self.counter_bits,
@@ -321,7 +356,7 @@ class ExpLinear(_ExpBase):
         if mode == "lut":
             y = ops.exp_linear_lut(x, self.w_packed, self.w_shape, self.alpha, self.sa, self.ba,
                                    self.sw, self.bw, self.bits, self.a_signed, self.w_signed,
-                                   self.rounding, self.bias, **pc)
+                                   self.rounding, self.bias, w_layout=self._lut_layout(), **pc)
         elif mode == "count":
             a = ops.exp_quantize(x, self.alpha, self.sa, self.ba, self.bits, self.rounding)
             y = ops.exp_linear_count(a, self.w_codes(), self.alpha, self.sa, self.ba, self.sw,
@@ -416,7 +451,7 @@ class ExpConv2d(_ExpBase):
             y = ops.exp_conv2d_lut(x, self.w_packed, self.w_shape, self.alpha, self.sa, self.ba,
                                    self.sw, self.bw, self.bits, self.a_signed, self.w_signed,
                                    self.rounding, self.bias, self.stride, pad, self.dilation,
-                                   self.groups, **pc)
+                                   self.groups, w_layout=self._lut_layout(), **pc)
         elif mode == "count":
             a = ops.exp_quantize(x, self.alpha, self.sa, self.ba, self.bits, self.rounding)
             y = ops.exp_conv2d_count(a, self.w_codes(), self.alpha, self.sa, self.ba, self.sw,
