@@ -259,8 +259,15 @@ class _ExpBase(nn.Module):
 
     def _layout_state(self):
         wp, lay = self.w_packed, self.w_layout
-        return (wp.data_ptr(), wp._version, wp.device,
-                None if lay is None else (lay.data_ptr(), lay._version))
+
+        def version(t):
+            try:
+                return t._version
+            except RuntimeError:   # inference tensors keep no version counter
+                return None
+
+        return (wp.data_ptr(), version(wp), wp.device,
+                None if lay is None else (lay.data_ptr(), version(lay)))
 
     def _lut_layout(self) -> Optional[torch.Tensor]:
         """The layout for a "lut" forward: rebuilt first when w_packed or the layout
@@ -275,8 +282,9 @@ class _ExpBase(nn.Module):
         """Bytes of the weight state the layer keeps resident: packed codes, the
         fast-path layout, the count path's weight terms and the bias (no float
         copy of the weights is kept)."""
-        return sum(t.numel() * t.element_size() for t in
-                   (self.w_packed, self.w_layout, self.w_terms, self.bias) if t is not None)
+        ts = [self.w_packed, self.w_layout, self.w_terms, self.bias]
+        ts += [getattr(self, k, None) for k in ("w_scale", "w_offset", "smooth")]
+        return sum(t.numel() * t.element_size() for t in ts if isinstance(t, torch.Tensor))
 
     def get_extra_state(self):
         return {"params": self.params(), "mode": self.mode, "counter_bits": self.counter_bits,
