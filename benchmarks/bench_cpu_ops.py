@@ -143,12 +143,16 @@ def _int4_peer(w, group=128):
     packed = torch._convert_weight_to_int4pack_for_cpu(q, 2)
     zero = lo + 8 * scale    # the op computes (q - 8) * scale + zero
     sz = torch.stack([scale.reshape(N, -1).T, zero.reshape(N, -1).T], -1).contiguous()
+    # bfloat16 activations and scales: its fast kernel (float32 ones take a
+    # path about 40x slower here)
+    sz = sz.to(torch.bfloat16)
     return lambda x: torch._weight_int4pack_mm_for_cpu(x, packed, group, sz)
 
 
 def bench_gemv(rows, quick):
     """Batch 1 and 8, K = N = 4096: dnateq's layout GEMV against fp32 / bf16
-    F.linear and PyTorch's weight-only int8 and int4 CPU kernels, at 1 and 2
+    F.linear and PyTorch's weight-only int8 and int4 CPU kernels (both fed
+    bfloat16 activations, their fast path), at 1 and 2
     threads, samples interleaved; plus the fraction of the measured copy
     bandwidth that the n=3 GEMV reaches (weight bytes / time)."""
     K = N = 1024 if quick else 4096
@@ -177,10 +181,11 @@ def bench_gemv(rows, quick):
                                 dnateq.exp_linear_lut(x, wp, [N, K], a, sa, ba, sw, bw_, bits,
                                                       True, True, "nearest", None, w_layout=lay),
                                 lay.numel())
+            s8b = s8.to(torch.bfloat16)
             fns = {"fp32": lambda: F.linear(x, w), "bf16": lambda: F.linear(xb, wb),
-                   "int8": lambda: torch._weight_int8pack_mm(x, w8, s8)}
+                   "int8": lambda: torch._weight_int8pack_mm(xb, w8, s8b)}
             if int4 is not None:
-                fns["int4"] = lambda: int4(x)
+                fns["int4"] = lambda: int4(xb)
             for bits, (f, _) in layers.items():
                 fns[f"n={bits}"] = f
             res = timeit_many(fns, "fp32", repeat=5 if quick else 9)
