@@ -482,3 +482,119 @@ def apply_bias_correction(qmod: nn.Module, delta: Optional[torch.Tensor]) -> Non
     d = delta.detach().float().to(qmod.w_packed.device)
     b = getattr(qmod, "bias", None)
     qmod.bias = d.clone() if b is None else (b.float() + d)
+
+
+# ---------------------------------------------------------------------------
+# the passes of dnateq.quantize (registered with the calibration pipeline)
+# ---------------------------------------------------------------------------
+
+#: Elements of real input kept per layer for the output-error probes.
+PROBE_ELEMS = 1 << 16
+
+
+def _row_mask(batch: Any) -> Optional[torch.Tensor]:
+    """The valid positions of a dict batch (its ``attention_mask``), else None."""
+    if isinstance(batch, dict):
+        m = batch.get("attention_mask")
+        if isinstance(m, torch.Tensor):
+            return m
+    return None
+
+
+def _forward_of(state) -> Optional[Callable]:
+    return getattr(state.config, "forward", None)
+
+
+def layer_inputs(state) -> Dict[str, "LayerInputs"]:
+    """The probes' input samples of ``state`` (captured once, on the first
+    calibration inputs)."""
+    li = getattr(state, "layer_inputs", None)
+    if li is None:
+        inputs = list(getattr(state, "calib_inputs", None) or [])
+        if not inputs:
+            raise RuntimeError("dnateq.quantize: the mechanisms need calibration inputs kept "
+                               "(state.calib_inputs is empty)")
+        li = capture_inputs(state.model, state.names, inputs[:2], max_elems=PROBE_ELEMS,
+                            seed=state.config.seed, forward=_forward_of(state),
+                            row_mask=_row_mask)
+        state.layer_inputs = li
+    return li
+
+
+def _note(state, name: str, what: str) -> None:
+    state.layer_passes.setdefault(name, []).append(what)
+
+
+def smoothing_pass(state) -> None:
+    """Stage ``before_fit``: smooth every layer (:func:`smooth_layers`, mode
+    ``config.smoothing``), record buffers in ``state.smooth``, re-trace."""
+    c = state.config
+    mode = getattr(c, "smoothing", "auto") or "auto"
+    li = layer_inputs(state)
+    inputs = list(state.calib_inputs)
+    rec = smooth_layers(state.model, state.names, li, inputs[0], mode=mode,
+                        rounding=c.rounding, forward=_forward_of(state), seed=c.seed)
+    state.smoothing = {n: {k: v for k, v in r.items() if k != "factor"} for n, r in rec.items()}
+    changed = False
+    for n, r in rec.items():
+        if r["where"] == "buffer":
+            state.smooth[n] = r["factor"]
+        if r["where"] != "none":
+            changed = True
+            _note(state, n, f"smoothing ({r['where']}" + (f" into {r['into']}" if r["into"]
+                                                          else "") + f", a={r['strength']:g})")
+    state.folded_into = sorted({r["into"] for r in rec.values() if r["into"]})
+    if changed:
+        state.retrace(inputs)
+
+
+def _mechanisms_of(state):
+    from .mechanisms import Mechanisms
+    sel = set(state.config.passes)
+    return Mechanisms(per_channel="per_channel" in sel, clip="clip" in sel,
+                      bias_correction="bias_correction" in sel)
+
+
+def refit_pass(state) -> None:
+    """Stage ``after_fit`` (passes ``per_channel``, ``clip``,
+    ``bias_correction``; runs once for all three): refit every layer's rows with
+    the selected mechanisms (:func:`dnateq.calibration.mechanisms.fit_layer`)."""
+    if getattr(state, "_refit_done", False):
+        return
+    state._refit_done = True
+    from .clip import LayerProbe
+    from .mechanisms import fit_layer
+    c = state.config
+    mech = _mechanisms_of(state)
+    li = layer_inputs(state) if mech.needs_probe() else {}
+    for n in state.names:
+        mod = _get_module(state.model, n)
+        w = mod.weight.detach().float().cpu()
+        a = state.traces.traces[n].sample()
+        probe = LayerProbe(mod, li[n].x, w) if n in li else None
+        t = state.tables[n]
+        rows = fit_layer(mod, w, a, c.bits, mech=mech, probe=probe, search=c.search,
+                         rounding=c.rounding, rss=dict(start=t["start"]), seed=c.seed)
+        for b, r in rows.items():
+            if isinstance(r.get("sw"), torch.Tensor):
+                r["w_scale"], r["w_offset"] = r["sw"], r["bw"]
+                r["sw"], r["bw"] = float(r["sw"].double().mean()), float(r["bw"].double().mean())
+        t["rows"] = rows
+        for k in mech.names():
+            _note(state, n, k)
+
+
+def _register() -> None:
+    try:
+        from . import pipeline as _pl
+    except ImportError:    # pipeline not present (standalone use of these helpers)
+        return
+    after_fit = getattr(_pl, "AFTER_FIT", None)
+    _pl.register_pass("smoothing", _pl.BEFORE_FIT, smoothing_pass)
+    if after_fit is not None:
+        for n in ("per_channel", "clip"):
+            _pl.register_pass(n, after_fit, refit_pass)
+        _pl.register_pass("bias_correction", after_fit, refit_pass)
+
+
+_register()

@@ -178,3 +178,69 @@ def search_path(path: Sequence[Mapping[str, int]], evaluate: Callable[[Mapping[s
         else:
             hi = mid
     return lo, hist
+
+
+# ---------------------------------------------------------------------------
+# the allocation strategy of dnateq.quantize(method="sensitivity")
+# ---------------------------------------------------------------------------
+
+def sensitivity_strategy(search, config):
+    """``method="sensitivity"``: measure every layer at every ``n`` on the first
+    calibration input, build the greedy path, then take the point at
+    ``config.bits_budget`` (when set) or bisect the path with the quality
+    measure for the cheapest point within ``max_loss``. Falls back to every
+    layer at the largest ``n`` (with a RuntimeWarning) when even that fails."""
+    import warnings
+    from .allocate import Allocation
+    from .select import disable_fast_paths
+    inputs = list(getattr(search, "calib_inputs", None) or search.quality.inputs)[:1]
+    if not inputs:
+        raise RuntimeError("dnateq.quantize: method='sensitivity' needs a calibration input")
+    out = getattr(search.quality, "output", None) or getattr(search.quality, "_output")
+    sens = measure_sensitivity(search.work, search.names, search.bits, search.build, inputs,
+                               lambda model, x: out(x), after_swap=disable_fast_paths)
+    counts = {n: int(search.floats[n].weight.numel()) for n in search.names}
+    path = greedy_path(sens, counts, search.bits)
+    budget = getattr(config, "bits_budget", None)
+    history: List[Dict[str, Any]] = []
+    fallback = False
+    if budget is not None:
+        cfg = at_budget(path, counts, budget)
+        q, _ = search.measure(cfg)
+        history.append(dict(budget=float(budget), bits=dict(cfg), quality=q,
+                            loss=search.base - q, passed=search.base - q <= config.max_loss,
+                            evaluated=True))
+    else:
+        def evaluate(cfg):
+            return search.measure(cfg)[0]
+        idx, hist = search_path(path, evaluate, search.base, config.max_loss)
+        for h in hist:
+            h["bits"] = dict(path[h["index"]])
+            h["avg_bits"] = avg_bits(path[h["index"]], counts)
+            h["evaluated"] = True
+        history = hist
+        if idx is None:
+            fallback = True
+            warnings.warn(f"dnateq.quantize: even every layer at {search.bits[-1]} bits loses "
+                          f"more than max_loss={config.max_loss}; returning that "
+                          "configuration", RuntimeWarning, stacklevel=3)
+            idx = 0
+        cfg = dict(path[idx])
+        q, _ = search.measure(cfg)
+    search.apply(cfg)
+    record = dict(method="sensitivity", bits_budget=budget,
+                  sensitivity={n: {int(b): float(v) for b, v in s.items()}
+                               for n, s in sens.items()},
+                  path_length=len(path), predicted_loss=predicted_loss(cfg, sens))
+    return Allocation(cfg, q, None, history, fallback, record)
+
+
+def _register() -> None:
+    try:
+        from .allocate import register_strategy
+    except ImportError:
+        return
+    register_strategy("sensitivity", sensitivity_strategy)
+
+
+_register()
