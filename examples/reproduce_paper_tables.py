@@ -243,7 +243,7 @@ def run_model(name: str, task, args, out_dir: str) -> Dict[str, Any]:
     res["float"] = task.evaluate(model, "float32")
     step = 0.02 if args.quick else 0.01
     q = dnateq.quantize(model, calib, eval_fn=task.quality, max_loss=args.max_loss,
-                        threshold_step=step, progress=progress, **opts)
+                        threshold_step=step, progress=progress, method="paper", **opts)
     res["dnateq"] = task.evaluate(q, "DNA-TEQ")
     rep = dnateq.report(q)
     tot = rep.totals

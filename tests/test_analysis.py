@@ -128,7 +128,7 @@ def test_exponential_column_is_calibrate_rss():
     model, data = small_cnn(), images()
     for normalize in (False, True):
         r = A.fit_distributions(model, data, normalize=normalize, **KW)
-        q = dnateq.quantize(model, data, eval_fn=CONST, rss_normalize=normalize, **KW)
+        q = dnateq.quantize(model, data, eval_fn=CONST, rss_normalize=normalize, method="paper", **KW)
         tables = q.dnateq_info["tables"]
         for n, t in tables.items():
             assert r.row(n, "weights")["rss"]["exponential"] == t["rss_w"]
@@ -198,7 +198,7 @@ def test_mha_projections_and_model_untouched():
 
 def test_quantized_model_and_layer_selection():
     model, data = small_cnn(), images()
-    q = dnateq.quantize(model, data, eval_fn=CONST, **KW)
+    q = dnateq.quantize(model, data, eval_fn=CONST, method="paper", **KW)
     r = A.fit_distributions(q, data, **KW)
     assert {x["module"] for x in r.rows} == {"ExpConv2d", "ExpLinear"}
     assert any("dequantized" in n for n in r.notes)
@@ -285,7 +285,7 @@ def test_errors_decrease_with_bits():
     x = data[-1]
     per_bits = {}
     for b in (3, 5, 7):
-        q = dnateq.quantize(model, data, eval_fn=CONST, bits=(b,), **KW)
+        q = dnateq.quantize(model, data, eval_fn=CONST, bits=(b,), method="paper", **KW)
         e = A.layer_output_errors(q, model, x)
         assert [r["bits"] for r in e.rows[:-1]] == [b] * 4
         assert {r["kind"] for r in e.rows[:-1]} == {"ExpConv2d", "ExpLinear"}
@@ -377,7 +377,7 @@ def test_errors_mha_split():
     torch.manual_seed(0)
     layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True).eval()
     data = [torch.randn(4, 6, 16, generator=gen(i)) for i in range(3)]
-    q = dnateq.quantize(layer, data, eval_fn=CONST, bits=(6,), **KW)
+    q = dnateq.quantize(layer, data, eval_fn=CONST, bits=(6,), method="paper", **KW)
     e = A.layer_output_errors(q, layer, data)
     names = [r["layer"] for r in e.rows]
     for p in ("q_proj", "k_proj", "v_proj", "out_proj"):
@@ -408,7 +408,7 @@ def test_errors_errors():
 
 def test_plot_bits():
     model, data = small_cnn(), images()
-    q = dnateq.quantize(model, data, eval_fn=CONST, max_threshold=0.05, **KW)
+    q = dnateq.quantize(model, data, eval_fn=CONST, max_threshold=0.05, method="paper", **KW)
     rep = dnateq.report(q)
     for obj in (q, rep, rep.to_dict()):
         fig = A.plot_bits(obj)
@@ -453,7 +453,7 @@ def test_sweep_bits_non_increasing_and_matches_quantize():
     # the same bit choice as dnateq.quantize at each threshold
     for thr in (0.03, 0.2):
         q = dnateq.quantize(model, data, eval_fn=CONST, threshold_step=thr, max_threshold=thr,
-                            **KW)
+                            method="paper", **KW)
         row = next(r for r in s.rows if r["threshold"] == thr)
         got = {n: m.bits for n, m in q.named_modules() if isinstance(m, (ExpConv2d, ExpLinear))}
         assert got == row["bits"]
@@ -473,7 +473,7 @@ def test_sweep_requantize_agrees_and_selected():
         assert ra["quality"] == pytest.approx(rb["quality"])
         assert ra["avg_bits"] == pytest.approx(rb["avg_bits"])
     # `selected` is the threshold quantize keeps, with the same bits
-    q = dnateq.quantize(model, data, max_loss=5.0, threshold_step=0.01, max_threshold=0.3, **KW)
+    q = dnateq.quantize(model, data, max_loss=5.0, threshold_step=0.01, max_threshold=0.3, method="paper", **KW)
     s = A.threshold_sweep(model, data, None, [0.01 * i for i in range(1, 31)], max_loss=5.0,
                           **KW)
     assert not q.dnateq_info["fallback"]   # measured: keeps 12 %, fails at 13 %
@@ -502,7 +502,7 @@ def test_sweep_errors():
         A.threshold_sweep(model, data, CONST, [])
     with pytest.raises(ValueError, match="loader yielded no batch"):
         A.threshold_sweep(model, [], CONST, [0.1])
-    q = dnateq.quantize(model, data, eval_fn=CONST, **KW)
+    q = dnateq.quantize(model, data, eval_fn=CONST, method="paper", **KW)
     with pytest.raises(ValueError, match="already quantized"):
         A.threshold_sweep(q, data, CONST, [0.1])
     with pytest.raises(ValueError, match="method must be"):

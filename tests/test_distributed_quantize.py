@@ -113,7 +113,8 @@ def record(q: nn.Module) -> dict:
                 quality=q.dnateq_info["quality"], digest=D.assert_same_across_ranks(q))
 
 
-OPTS = dict(max_loss=3.0, threshold_step=0.03, max_threshold=0.15, progress=False, seed=3)
+OPTS = dict(max_loss=3.0, threshold_step=0.03, max_threshold=0.15, progress=False, seed=3,
+            method="paper")
 
 
 # ---------------------------------------------------------------------------

@@ -307,3 +307,145 @@ def test_measure_sensitivity_restores_the_model():
     assert set(sens) == {"0", "2"} and all(sens[n][3] > sens[n][5] > 0 for n in sens)
     with torch.no_grad():
         torch.testing.assert_close(m(x), ref)
+
+
+# ---------------------------------------------------------------------------
+# dnateq.quantize with each mechanism: exact under Eq. 8 (count == LUT == reference)
+# ---------------------------------------------------------------------------
+
+from dnateq.nn import ExpConv2d, ExpLinear  # noqa: E402
+
+PERCHAN = hasattr(ExpLinear, "set_smooth")
+need_perchan = pytest.mark.skipif(not PERCHAN, reason="per-channel module support not built")
+
+
+class SmallNet(nn.Module):
+    """conv -> ReLU -> conv -> pool -> LayerNorm -> (fc_a, fc_b) -> fc_out, with a
+    LayerNorm whose only consumers are quantized layers (foldable)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.ln = nn.LayerNorm(8)
+        self.fa = nn.Linear(8, 12)
+        self.fb = nn.Linear(8, 12)
+        self.fo = nn.Linear(12, 5)
+
+    def forward(self, x):
+        h = torch.relu(self.c1(x))
+        h = self.c2(h).mean((2, 3))
+        h = self.ln(h)
+        return self.fo(torch.relu(self.fa(h)) + torch.tanh(self.fb(h)))
+
+
+def small_net():
+    torch.manual_seed(0)
+    m = SmallNet().eval()
+    with torch.no_grad():
+        m.ln.weight[2] = 12.0        # an outlier channel for the smoothing to move
+    return m
+
+
+def small_batches(n=3, seed=11):
+    g = gen(seed)
+    return [torch.randn(8, 3, 6, 6, generator=g) for _ in range(n)]
+
+
+QKW = dict(progress=False, calib_batches=2, sample_size=4096, eval_fn=lambda m: 1.0)
+
+
+def modes_agree(q, x):
+    outs = {}
+    with torch.no_grad():
+        for mode in ("count", "lut", "fake"):
+            for m in q.modules():
+                if isinstance(m, (ExpLinear, ExpConv2d)):
+                    m.mode = mode
+            outs[mode] = q(x)
+    scale = float(outs["count"].abs().max())
+    for mode in ("lut", "fake"):
+        torch.testing.assert_close(outs[mode], outs["count"], rtol=1e-4, atol=1e-4 * scale)
+
+
+def qlayers(q):
+    return {n: m for n, m in q.named_modules() if isinstance(m, (ExpLinear, ExpConv2d))}
+
+
+@pytest.mark.parametrize("passes", [
+    pytest.param(["per_channel"], marks=need_perchan),
+    pytest.param(["smoothing"], marks=need_perchan),
+    ["clip"], ["bias_correction"], [],
+])
+def test_each_mechanism_is_exact_under_eq8(passes):
+    model = small_net()
+    q = dnateq.quantize(model, small_batches(), passes=passes, **QKW)
+    info = q.dnateq_info
+    assert info["method"] == "sensitivity" and info["passes"] == passes
+    modes_agree(q, small_batches(1, seed=12)[0])
+    layers = qlayers(q)
+    assert set(layers) == {"c1", "c2", "fa", "fb", "fo"}
+    if passes == ["per_channel"]:
+        assert all(m.w_scale is not None and m.w_scale.shape == (m.w_shape[0],)
+                   for m in layers.values())
+    if passes == ["smoothing"]:
+        rec = info["smoothing"]
+        assert rec["fa"]["where"] == "folded" and rec["fa"]["into"] == "ln"
+        assert rec["fa"]["strength"] == rec["fb"]["strength"]
+        assert float((q.ln.weight - model.ln.weight).abs().max()) > 0    # folded into ln
+    if passes == ["bias_correction"]:
+        assert layers["c2"].bias is not None          # created where the float layer had none
+        assert not torch.equal(layers["fo"].bias, model.fo.bias)
+    for n, m in layers.items():
+        assert m.info.get("mechanisms", []) == info["layer_passes"].get(n, [])
+    rep = dnateq.report(q).to_dict()
+    assert rep["totals"]["method"] == "sensitivity"
+
+
+def test_paper_method_runs_no_mechanism_and_matches_the_threshold_rule():
+    model = small_net()
+    q = dnateq.quantize(model, small_batches(), method="paper", **QKW)
+    info = q.dnateq_info
+    assert info["method"] == "paper" and info["passes"] == [] and info["layer_passes"] == {}
+    assert info["threshold"] is not None
+    from dnateq.calibration import choose_bits
+    cfg = choose_bits(info["tables"], info["order"], info["threshold"], [3, 4, 5, 6, 7],
+                      10.0, 1.0)
+    assert {n: m.bits for n, m in qlayers(q).items()} == cfg
+    for m in qlayers(q).values():
+        assert "mechanisms" not in m.info
+
+
+def test_sensitivity_budget_and_bad_options():
+    model = small_net()
+    q = dnateq.quantize(model, small_batches(), bits_budget=4.0, passes=[], **QKW)
+    rep = dnateq.report(q).to_dict()
+    assert rep["totals"]["avg_bits"] <= 4.0 + 1e-9
+    assert set(q.dnateq_info["sensitivity"]) == set(qlayers(q))
+    with pytest.raises(ValueError, match="bits_budget needs method='sensitivity'"):
+        dnateq.quantize(model, small_batches(), method="paper", bits_budget=4.0, **QKW)
+    with pytest.raises(ValueError, match="smoothing must be one of"):
+        dnateq.quantize(model, small_batches(), smoothing="always", **QKW)
+    with pytest.raises(ValueError, match="unknown pass"):
+        dnateq.quantize(model, small_batches(), passes=["sharpen"], **QKW)
+
+
+@need_perchan
+def test_forced_fold_on_a_layer_without_foldable_predecessor_names_it():
+    model = small_net()
+    snap = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"layer 'c1'.*outside any module"):
+        dnateq.quantize(model, small_batches(), passes=["smoothing"], smoothing="fold", **QKW)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in snap.items())
+
+
+def test_mechanisms_survive_save_and_load(tmp_path):
+    model = small_net()
+    passes = ["clip", "bias_correction"] + (["per_channel", "smoothing"] if PERCHAN else [])
+    q = dnateq.quantize(model, small_batches(), passes=passes, **QKW)
+    x = small_batches(1, seed=13)[0]
+    path = tmp_path / "m.dnateq"
+    dnateq.save(q, path)
+    r = dnateq.load(path, model)
+    with torch.no_grad():
+        torch.testing.assert_close(r(x), q(x), rtol=1e-5, atol=1e-6)

@@ -13,7 +13,7 @@ from dnateq.calibrate import _Trace, batch_input, exponential_rss
 from dnateq.nn import ExpConv2d, ExpLinear, ExpMultiheadAttention
 from conftest import gen
 
-KW = dict(progress=False, calib_batches=2, sample_size=4096)
+KW = dict(progress=False, calib_batches=2, sample_size=4096, method="paper")   # the paper's rule (SPEC 3)
 # The proxy on 2 held-out batches of 16 vectors has a 3-point resolution.
 KWM = dict(KW, max_loss=10.0)
 

@@ -274,6 +274,13 @@ def add_quantize_parser(sub) -> argparse.ArgumentParser:
                         "--skip with no pattern quantizes every layer")
     q.add_argument("--mode", choices=("lut", "count", "fake"), default="lut",
                    help="execution mode of the quantized layers (default lut)")
+    q.add_argument("--method", choices=("sensitivity", "paper"), default="sensitivity",
+                   help="bit allocation: sensitivity (default: measured per layer, greedy under "
+                        "max_loss, with the default mechanisms) or paper (the threshold rule, "
+                        "reproduced exactly)")
+    q.add_argument("--passes", nargs="*", metavar="PASS", default=None,
+                   help="mechanisms to run: per_channel smoothing clip bias_correction "
+                        "(default: the method's; --passes with none runs none)")
     q.add_argument("--baselines", action="store_true",
                    help="also evaluate uniform INT8 and uniform at DNA-TEQ's bits (paper and "
                         "storage conventions), calibrated on the same images")
@@ -820,7 +827,7 @@ def run_quantize(args) -> int:
                 act_threshold_scale=args.act_threshold_scale,
                 threshold_step=args.threshold_step, max_threshold=args.max_threshold,
                 calib_batches=calib_batches, sample_size=args.sample_size, skip=skip,
-                mode=args.mode, seed=args.seed)
+                mode=args.mode, seed=args.seed, method=args.method, passes=args.passes)
     t0 = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", RuntimeWarning)
@@ -865,6 +872,7 @@ def run_quantize(args) -> int:
         layers=tot["layers"], weights_quantized=tot["weights"],
         bits_histogram=_histogram(r["n"] for r in rep.layers),
         threshold=info["threshold"], fallback=info["fallback"],
+        method=info.get("method", "paper"), passes=info.get("passes", []),
         search_quality=dict(base=info["base_quality"], chosen=info["quality"]),
         timing=dict(float_eval=t_float, quantize=t_quant, quantized_eval=t_qeval,
                     **{f"quantize_{k}": v for k, v in info["timing"].items()}),
@@ -943,8 +951,11 @@ def _summary_facts(s: Dict[str, Any]) -> List[str]:
     facts = [
         f"loss {s['loss']:+.2f} {unit} on the evaluated set (max_loss {s['max_loss']:g} in the "
         f"{s['metric']} metric; {s['metric_note']})",
-        f"Thr_w = {'none (fallback to the largest n)' if thr is None else f'{100 * thr:.3g} %'}"
-        f"; layers per n: {s['bits_histogram']}",
+        (f"Thr_w = {'none (fallback to the largest n)' if thr is None else f'{100 * thr:.3g} %'}"
+         if s.get("method", "paper") == "paper" else
+         f"bit allocation: {s['method']} (mechanisms: "
+         f"{', '.join(s.get('passes') or []) or 'none'})")
+        + f"; layers per n: {s['bits_histogram']}",
         f"average bits {s['avg_bits']:.3f} (paper), {s['storage_bits']:.3f} (storage, with "
         f"sign); compression vs INT8 {100 * c['paper']:.1f} % (paper), "
         f"{100 * c['storage']:.1f} % (storage)",
@@ -956,7 +967,8 @@ def _summary_facts(s: Dict[str, Any]) -> List[str]:
         + (f" x {s['world_size']} processes" if s["world_size"] > 1 else ""),
     ]
     if s["fallback"]:
-        facts.append("no threshold met max_loss: the all-max-bit configuration was returned")
+        facts.append("no configuration met max_loss: the all-max-bit configuration was "
+                     "returned")
     return facts
 
 
@@ -970,9 +982,13 @@ def _summary_text(s: Dict[str, Any]) -> str:
 
 
 def _history_markdown(history: List[Dict[str, Any]]) -> str:
-    lines = ["| Thr_w | quality | loss | passed | layers per n |", "|---|---|---|---|---|"]
+    paper = all("threshold" in h for h in history)
+    lines = [f"| {'Thr_w' if paper else 'avg bits'} | quality | loss | passed | layers per n |",
+             "|---|---|---|---|---|"]
     for h in history:
-        lines.append(f"| {100 * h['threshold']:.3g} % | {h['quality']:.4g} | {h['loss']:+.4g} | "
+        step = (f"{100 * h['threshold']:.3g} %" if paper else
+                f"{h.get('avg_bits', h.get('budget', float('nan'))):.3f}")
+        lines.append(f"| {step} | {h['quality']:.4g} | {h['loss']:+.4g} | "
                      f"{'yes' if h['passed'] else 'no'} | "
                      f"{' '.join(f'{k}b:{v}' for k, v in _histogram(h['bits'].values()).items())}"
                      " |")

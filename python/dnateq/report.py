@@ -30,7 +30,8 @@ __all__ = ["report", "Report"]
 
 _COLUMNS = ["name", "kind", "shape", "n", "alpha", "S_w", "beta_w", "S_a", "beta_a",
             "rmae_w", "rmae_a", "start", "rss_w", "rss_a", "w_signed", "a_signed",
-            "weights", "packed_bytes", "w_params", "S_w_min", "S_w_max", "smooth"]
+            "weights", "packed_bytes", "w_params", "S_w_min", "S_w_max", "smooth",
+            "mechanisms"]
 
 
 class Report:
@@ -53,6 +54,7 @@ class Report:
         for r in self.layers:
             row = dict(r)
             row["shape"] = "x".join(str(s) for s in r["shape"])
+            row["mechanisms"] = "; ".join(r.get("mechanisms") or [])
             w.writerow({k: row.get(k) for k in _COLUMNS})
         return buf.getvalue()
 
@@ -67,6 +69,8 @@ class Report:
             return "" if v is None else str(v)
         cols = ["name", "kind", "shape", "n", "alpha", "S_w", "beta_w", "S_a", "beta_a",
                 "rmae_w", "rmae_a", "start", "rss_w", "rss_a", "a_signed"]
+        if any(r.get("mechanisms") for r in self.layers):
+            cols.append("mechanisms")
         lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         for r in self.layers:
             r = dict(r)
@@ -75,7 +79,9 @@ class Report:
                 r["beta_w"] = "per-channel"
             if r.get("smooth"):
                 r["name"] = f"{r['name']} (smoothed)"
-            lines.append("| " + " | ".join(f(r.get(c)) for c in cols) + " |")
+            lines.append("| " + " | ".join(
+                "; ".join(r.get(c) or []) if c == "mechanisms" else f(r.get(c))
+                for c in cols) + " |")
         t = self.totals
         lines += [
             "",
@@ -95,6 +101,9 @@ class Report:
             lines.append(f"- estimated quality loss ({where}): {est.get('loss', 0.0):.4g} "
                          f"(float {est.get('base_quality', 0.0):.4g}, quantized "
                          f"{est.get('quality', 0.0):.4g})")
+        if t.get("method"):
+            lines.append(f"- bit allocation: {t['method']}; mechanisms: "
+                         + (", ".join(t.get("passes") or []) or "none"))
         if self.skipped:
             lines.append("- left in float: " + ", ".join(
                 f"{n} ({why})" for n, why in self.skipped.items()))
@@ -127,6 +136,7 @@ def report(qmodel: nn.Module) -> Report:
             S_w_min=float(m.w_scale.min()) if pc else m.sw,
             S_w_max=float(m.w_scale.max()) if pc else m.sw,
             smooth=m.smooth is not None,
+            mechanisms=list(inf.get("mechanisms", [])),
         ))
     if not rows:
         raise ValueError("dnateq.report: the model has no dnateq quantized layer "
@@ -146,12 +156,16 @@ def report(qmodel: nn.Module) -> Report:
         skipped = dict(qinfo.get("skipped", {}))
         for k in ("base_quality", "quality", "loss", "threshold", "fallback", "metric"):
             totals[k] = qinfo.get(k)
+        totals["method"] = qinfo.get("method", "paper")
+        totals["passes"] = list(qinfo.get("passes", []))
         est = qinfo.get("estimate")
         if isinstance(est, dict):
             totals["estimate"] = dict(est)
         if qinfo.get("fallback"):
             notes.append("no threshold met max_loss: the all-max-bit fallback configuration "
-                         "was returned")
+                         "was returned" if totals["method"] == "paper" else
+                         "no configuration met max_loss: the all-max-bit fallback "
+                         "configuration was returned")
         if isinstance(est, dict) and est.get("on_calibration_batches"):
             notes.append("the proxy was judged on calibration batches (the loader had none "
                          "left to hold out): its estimate is optimistic")

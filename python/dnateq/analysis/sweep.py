@@ -222,7 +222,7 @@ def threshold_sweep(model: nn.Module, loader: Iterable,
     # The same split as quantize's: the held-out batches are never traced.
     n_cal, note = plan_batches(len(batches), calib, n_eval if eval_fn is None else 0)
     q = quantize(model, batches[:n_cal], eval_fn=lambda m: 0.0, threshold_step=ts[0],
-                 max_threshold=ts[0], progress=progress, **dict(opts, calib_batches=n_cal))
+                 max_threshold=ts[0], progress=progress, **dict(dict(method="paper"), **dict(opts, calib_batches=n_cal)))
     info = q.dnateq_info
     del q
     order: List[str] = list(info["order"])
@@ -267,7 +267,8 @@ def _sweep_requantize(model, batches, eval_fn, ts, max_loss, progress, opts, opt
         # quantize keeps exactly the configuration of this threshold.
         q = quantize(model, batches, eval_fn=eval_fn, max_loss=sys.float_info.max,
                      threshold_step=thr,
-                     max_threshold=thr, progress=False, **opts)
+                     max_threshold=thr, progress=False,
+                     **dict(dict(method="paper"), **opts))
         info = q.dnateq_info
         order = list(info["order"])
         cfg = {n: int(get_module(q, n).bits) for n in order}

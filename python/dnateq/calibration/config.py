@@ -20,10 +20,12 @@ class QuantizeConfig:
     and normalised by :meth:`validated`: ``bits`` sorted and deduplicated,
     ``act_threshold_scale`` a float (or ``"auto"``).
 
-    ``method`` names the bit-allocation strategy (``"paper"``: the threshold
-    rule; see :data:`dnateq.calibration.allocate.STRATEGIES`); ``passes`` the
-    extra calibration passes to run, by name (see
-    :data:`dnateq.calibration.pipeline.PASSES`)."""
+    ``method`` names the bit-allocation strategy (``"sensitivity"``, the
+    default, or ``"paper"``: the threshold rule; see
+    :data:`dnateq.calibration.allocate.STRATEGIES`); ``passes`` the extra
+    calibration passes to run, by name (see
+    :data:`dnateq.calibration.pipeline.PASSES`; None = the method's
+    :data:`~dnateq.calibration.pipeline.DEFAULT_PASSES`)."""
     eval_fn: Optional[Callable[[Any], float]] = None
     max_loss: float = 1.0
     bits: Sequence[int] = (3, 4, 5, 6, 7)
@@ -43,8 +45,10 @@ class QuantizeConfig:
     mode: str = "lut"
     progress: bool = True
     seed: int = 0
-    method: str = "paper"
-    passes: Tuple[str, ...] = field(default_factory=tuple)
+    method: str = "sensitivity"
+    passes: Optional[Tuple[str, ...]] = None
+    smoothing: str = "auto"
+    bits_budget: Optional[float] = None
     forward: Optional[Callable[[Any, Any], Any]] = None
     mask: Any = None
 
@@ -104,8 +108,26 @@ class QuantizeConfig:
         if c.method not in STRATEGIES:
             raise ValueError(f"{_WHO}: method must be one of {sorted(STRATEGIES)}, got "
                              f"{c.method!r}")
-        from .pipeline import PASSES
+        from .pipeline import DEFAULT_PASSES, PASSES
+        if c.passes is None:
+            c.passes = tuple(DEFAULT_PASSES.get(c.method, ()))
         c.passes = (c.passes,) if isinstance(c.passes, str) else tuple(c.passes or ())
+        from .passes import SMOOTH_MODES
+        if c.smoothing not in SMOOTH_MODES:
+            raise ValueError(f"{_WHO}: smoothing must be one of {SMOOTH_MODES}, got "
+                             f"{c.smoothing!r}")
+        if c.bits_budget is not None:
+            try:
+                c.bits_budget = float(c.bits_budget)
+            except (TypeError, ValueError):
+                raise ValueError(f"{_WHO}: bits_budget must be a number, got "
+                                 f"{c.bits_budget!r}") from None
+            if not (min(c.bits) <= c.bits_budget) or c.bits_budget != c.bits_budget:
+                raise ValueError(f"{_WHO}: bits_budget must be >= min(bits) = {min(c.bits)}, "
+                                 f"got {c.bits_budget}")
+            if c.method != "sensitivity":
+                raise ValueError(f"{_WHO}: bits_budget needs method='sensitivity', got "
+                                 f"method={c.method!r}")
         unknown = [p for p in c.passes if p not in PASSES]
         if unknown:
             raise ValueError(f"{_WHO}: unknown pass(es) {unknown}; known: {sorted(PASSES)}")

@@ -502,7 +502,18 @@ def _row_mask(batch: Any) -> Optional[torch.Tensor]:
 
 
 def _forward_of(state) -> Optional[Callable]:
+    """How the calibration calls the model (its ModelCall when there is one)."""
+    call = getattr(state, "call", None)
+    if call is not None:
+        return lambda model, x: call(model, x)
     return getattr(state.config, "forward", None)
+
+
+def _mask_of(state) -> Callable[[Any], Optional[torch.Tensor]]:
+    call = getattr(state, "call", None)
+    if call is not None:
+        return call.mask_of
+    return _row_mask
 
 
 def layer_inputs(state) -> Dict[str, "LayerInputs"]:
@@ -516,7 +527,7 @@ def layer_inputs(state) -> Dict[str, "LayerInputs"]:
                                "(state.calib_inputs is empty)")
         li = capture_inputs(state.model, state.names, inputs[:2], max_elems=PROBE_ELEMS,
                             seed=state.config.seed, forward=_forward_of(state),
-                            row_mask=_row_mask)
+                            row_mask=_mask_of(state))
         state.layer_inputs = li
     return li
 
@@ -534,7 +545,8 @@ def smoothing_pass(state) -> None:
     inputs = list(state.calib_inputs)
     rec = smooth_layers(state.model, state.names, li, inputs[0], mode=mode,
                         rounding=c.rounding, forward=_forward_of(state), seed=c.seed)
-    state.smoothing = {n: {k: v for k, v in r.items() if k != "factor"} for n, r in rec.items()}
+    state.records["smoothing"] = {n: {k: v for k, v in r.items() if k != "factor"}
+                                  for n, r in rec.items()}
     changed = False
     for n, r in rec.items():
         if r["where"] == "buffer":
@@ -543,7 +555,9 @@ def smoothing_pass(state) -> None:
             changed = True
             _note(state, n, f"smoothing ({r['where']}" + (f" into {r['into']}" if r["into"]
                                                           else "") + f", a={r['strength']:g})")
-    state.folded_into = sorted({r["into"] for r in rec.values() if r["into"]})
+    for p in sorted({r["into"] for r in rec.values() if r["into"]}):
+        if p not in state.changed_modules:
+            state.changed_modules.append(p)
     if changed:
         state.retrace(inputs)
 

@@ -11,9 +11,17 @@ Stages where passes run (see :func:`register_pass`):
   reads the weights from the working model and the activations from
   ``state.traces`` after the passes ran (a pass that changes what a layer sees
   re-traces: :meth:`Calibration.retrace`).
+- ``"after_fit"``: after the per-layer fits, before building. A pass gets the
+  state and may refine ``state.tables`` (per-channel weights, the activation
+  range chosen by output error, bias corrections: :mod:`.passes`).
 - ``"after_build"``: every freshly built quantized layer, before the
-  allocation evaluates it, as ``fn(state, name, layer, float_layer)`` (e.g. bias
-  correction of the layer's mean output error).
+  allocation evaluates it, as ``fn(state, name, layer, float_layer)``.
+
+Methods: ``method="paper"`` runs no pass by default and allocates by the
+paper's threshold rule (its exact reproduction); the default
+``method="sensitivity"`` runs :data:`DEFAULT_PASSES` and allocates by measured
+sensitivity (:mod:`.sensitivity`). ``passes=[...]`` overrides the method's
+passes either way, so each mechanism also runs alone.
 """
 from __future__ import annotations
 
@@ -21,7 +29,7 @@ import copy
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -37,10 +45,21 @@ from .select import Selection, select
 from .trace import Traces, trace_layers
 
 __all__ = ["quantize", "calibrate", "Calibration", "PASSES", "STAGES", "BEFORE_FIT",
-           "AFTER_BUILD", "register_pass", "run_passes", "executed_layers"]
+           "AFTER_FIT", "AFTER_BUILD", "DEFAULT_PASSES", "register_pass", "run_passes", "executed_layers"]
 
-BEFORE_FIT, AFTER_BUILD = "before_fit", "after_build"
-STAGES = (BEFORE_FIT, AFTER_BUILD)
+BEFORE_FIT, AFTER_FIT, AFTER_BUILD = "before_fit", "after_fit", "after_build"
+STAGES = (BEFORE_FIT, AFTER_FIT, AFTER_BUILD)
+
+#: The passes each method runs when ``passes`` is not given: the paper's
+#: method none; the sensitivity allocation the combination that measured best
+#: (benchmarks/bench_ablation.py).
+DEFAULT_PASSES: Dict[str, Tuple[str, ...]] = {
+    "paper": (),
+    "sensitivity": ("per_channel", "clip", "bias_correction"),
+}
+from ..nn.modules import ExpLinear as _ExpLinear  # noqa: E402
+if not hasattr(_ExpLinear, "set_smooth"):   # modules without per-channel support yet
+    DEFAULT_PASSES["sensitivity"] = ("clip", "bias_correction")
 
 
 @dataclass
@@ -82,6 +101,13 @@ class Calibration:
     selection: Optional[Selection] = None
     heldout: Dict[str, Any] = field(default_factory=dict)
     call: Optional[ModelCall] = None
+    #: the first calibration inputs (model inputs), kept when a pass needs them
+    calib_inputs: List[Any] = field(default_factory=list)
+    #: modules outside the quantized layers that a pass changed (e.g. a
+    #: LayerNorm a smoothing factor was folded into): moved with ``inplace``
+    changed_modules: List[str] = field(default_factory=list)
+    #: per-pass records merged into ``dnateq_info`` (e.g. ``smoothing``)
+    records: Dict[str, Any] = field(default_factory=dict)
 
     def passes_at(self, stage: str) -> List[Pass]:
         return [PASSES[p] for p in self.config.passes if PASSES[p].stage == stage]
@@ -138,10 +164,12 @@ def quantize(model: nn.Module, loader: Iterable, *,
              mode: str = "lut",
              progress: bool = True,
              seed: int = 0,
-             method: str = "paper",
-             passes: Sequence[str] = (),
+             method: str = "sensitivity",
+             passes: Optional[Sequence[str]] = None,
              forward: Optional[Callable[[nn.Module, Any], Any]] = None,
-             mask: Any = None) -> nn.Module:
+             mask: Any = None,
+             smoothing: str = "auto",
+             bits_budget: Optional[float] = None) -> nn.Module:
     """Calibrate ``model`` on ``loader`` and return it with DNA-TEQ quantized layers.
 
     Args:
@@ -206,11 +234,30 @@ def quantize(model: nn.Module, loader: Iterable, *,
             (``progress=False`` silences them).
         seed: seed of the activation sub-sampling (results are deterministic
             for a fixed seed and loader).
-        method: the bit-allocation strategy: ``"paper"`` (default), the
-            threshold rule above (SPEC section 3, items 4-5); further strategies
-            register in :data:`dnateq.calibration.allocate.STRATEGIES`.
-        passes: names of extra calibration passes to run (registered in
-            :data:`dnateq.calibration.pipeline.PASSES`; none by default).
+        method: the bit allocation. ``"sensitivity"`` (default): every layer's
+            effect on the model output is measured at every ``n`` (only that
+            layer quantized), a greedy path lowers the layer that costs least
+            per weight-bit saved, and the cheapest point of the path within
+            ``max_loss`` is found by bisection (``bits_budget`` takes the point
+            at that average instead). ``"paper"``: the paper's threshold rule
+            above (SPEC section 3, items 4-5), reproduced exactly when no
+            pass runs. Further strategies register in
+            :data:`dnateq.calibration.allocate.STRATEGIES`.
+        passes: the mechanisms to run, by name (registered in
+            :data:`dnateq.calibration.pipeline.PASSES`): ``"per_channel"``
+            (weights with one scale/offset per output channel, one shared
+            ``alpha``), ``"smoothing"`` (per-input-channel factors moved from
+            the activations into the weights, folded into the preceding
+            LayerNorm/Linear where exact, else the layer's ``smooth``
+            buffer), ``"clip"`` (the activation range chosen by the layer's
+            output error), ``"bias_correction"`` (the mean output error per
+            channel added to the bias). None (default): the method's
+            :data:`DEFAULT_PASSES` (none for ``"paper"``).
+        smoothing: where the ``"smoothing"`` pass puts its factors: ``"auto"``
+            (fold where exact, else the buffer), ``"fold"`` (an error for a
+            layer with no foldable predecessor) or ``"buffer"``.
+        bits_budget: with ``method="sensitivity"``, the average bits (paper
+            convention) to allocate to, without searching ``max_loss``.
         forward: ``forward(model, batch) -> output`` calls the model on a
             (device-moved) loader batch instead of the rules of ``loader``, for
             any other convention, e.g. sentence-transformers:
@@ -240,7 +287,8 @@ def quantize(model: nn.Module, loader: Iterable, *,
         threshold_step=threshold_step, max_threshold=max_threshold, rss_normalize=rss_normalize,
         calib_batches=calib_batches, eval_batches=eval_batches, sample_size=sample_size,
         layers=layers, skip=skip, inplace=inplace, mode=mode, progress=progress, seed=seed,
-        method=method, passes=passes, forward=forward, mask=mask).validated()
+        method=method, passes=passes, forward=forward, mask=mask, smoothing=smoothing,
+        bits_budget=bits_budget).validated()
     return calibrate(model, loader, config)
 
 
@@ -257,35 +305,55 @@ def calibrate(model: nn.Module, loader: Iterable, config: QuantizeConfig) -> nn.
     sel = select(work, config.layers, config.skip)
     # 2. Bounded traces (valid tokens only), and held-out batches for the proxy.
     held = int(config.eval_batches) if config.eval_fn is None else 0
-    keep = max(held, int(config.calib_batches)) if config.passes else held   # passes re-run them
+    keep = max(held, int(config.calib_batches)) if _needs_inputs(config) else held
     tr = trace_layers(work, sel.names, loader, calib_batches=config.calib_batches,
                       sample_size=config.sample_size, seed=config.seed,
                       progress=config.progress, keep_inputs=keep, extra_inputs=held, call=call)
     names = executed_layers(tr, sel.names, sel.skipped)
-    state = Calibration(work, config, names, tr, sel.skipped, sel.mha, selection=sel, call=call)
+    state = Calibration(work, config, names, tr, sel.skipped, sel.mha, selection=sel, call=call,
+                        calib_inputs=list(tr.kept))
     run_passes(BEFORE_FIT, state)
     clock.append(time.perf_counter())
-    # 3. Per-layer tables: every candidate n, each tensor sorted once.
+    # 3. Per-layer tables: every candidate n, each tensor sorted once; then the
+    #    passes that refine them.
     state.tables = fit_layers(work, names, tr.traces, config)
+    run_passes(AFTER_FIT, state)
     tr.traces.clear()
     clock.append(time.perf_counter())
     # 4. Bit allocation over cached quantized layers, judged by eval_fn or the proxy.
     build = LayerCache({n: get_module(work, n) for n in names}, state.tables,
                        rounding=config.rounding, mode="lut" if config.mode == "count" else config.mode,
-                       first=names[0], after_build=state.after_build_hooks())
+                       first=names[0], after_build=state.after_build_hooks(),
+                       smooth=state.smooth, layer_passes=state.layer_passes)
     inputs = heldout_inputs(tr, held)
     state.heldout = dict(held_out_batches=len(tr.extra) if inputs is tr.extra else 0,
                          on_calibration_batches=bool(held) and inputs is not tr.extra)
     quality = Quality(work, config.eval_fn, inputs, call=call)
     search = LayerSearch(work, names, state.tables, config.bits, build, quality,
                          aliases=sel.aliases)
+    search.calib_inputs = list(tr.kept)
     alloc = STRATEGIES[config.method](search, config)
     for n in names:
         get_module(work, n).mode = config.mode
     clock.append(time.perf_counter())
     info = _record(state, search, alloc, clock)
-    return deliver(work, model, config.inplace, was_training, sel.mha, names, "dnateq_info", info,
+    moved = list(names) + [m for m in state.changed_modules if m not in names]
+    return deliver(work, model, config.inplace, was_training, sel.mha, moved, "dnateq_info", info,
                    aliases=sel.aliases)
+
+
+def _needs_inputs(config: QuantizeConfig) -> bool:
+    return bool(config.passes) or config.method != "paper"
+
+
+def _plain(v: Any) -> Any:
+    """JSON-friendly record values: tensors become a short summary."""
+    if isinstance(v, torch.Tensor):
+        return dict(per_channel=int(v.numel()), mean=float(v.double().mean()),
+                    absmax=float(v.double().abs().max())) if v.numel() else None
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    return v
 
 
 def heldout_inputs(tr: Traces, wanted: int, who: str = "dnateq.quantize") -> List[Any]:
@@ -324,8 +392,12 @@ def _record(state: Calibration, search: LayerSearch, alloc: Allocation, clock) -
                       **state.heldout),
         first_layer=state.names[0],
         tables={n: dict(start=t["start"], rss_w=t["rss_w"], rss_a=t["rss_a"],
-                        a_signed=t["a_signed"], rows={b: dict(r) for b, r in t["rows"].items()})
+                        a_signed=t["a_signed"],
+                        rows={b: _plain(dict(r)) for b, r in t["rows"].items()})
                 for n, t in state.tables.items()},
+        method=c.method, passes=list(c.passes),
+        layer_passes={n: list(v) for n, v in state.layer_passes.items()},
+        **{k: _plain(v) for k, v in state.records.items()},
         mha_replaced=list(state.mha_names),
         conv1d_replaced=list(state.selection.conv1d) if state.selection else [],
         shared={n: list(a) for n, a in (state.selection.aliases if state.selection else {}).items()
@@ -337,6 +409,7 @@ def _record(state: Calibration, search: LayerSearch, alloc: Allocation, clock) -
                      rss_normalize=c.rss_normalize, calib_batches=c.calib_batches,
                      mode=c.mode, seed=c.seed, method=c.method, passes=list(c.passes),
                      forward=c.forward is not None,
-                     mask="attention_mask" if c.mask is None else bool(c.mask)),
+                     mask="attention_mask" if c.mask is None else bool(c.mask),
+                     smoothing=c.smoothing, bits_budget=c.bits_budget),
         **alloc.record,
     )

@@ -196,9 +196,15 @@ def sensitivity_strategy(search, config):
     inputs = list(getattr(search, "calib_inputs", None) or search.quality.inputs)[:1]
     if not inputs:
         raise RuntimeError("dnateq.quantize: method='sensitivity' needs a calibration input")
-    out = getattr(search.quality, "output", None) or getattr(search.quality, "_output")
+    from .call import select_valid
+    qual = search.quality
+
+    def run(model, x):   # the proxy's comparable output, valid tokens only
+        t, _ = qual._output(0, x)
+        return select_valid(t, qual.call.mask_of(x))
+
     sens = measure_sensitivity(search.work, search.names, search.bits, search.build, inputs,
-                               lambda model, x: out(x), after_swap=disable_fast_paths)
+                               run, after_swap=disable_fast_paths)
     counts = {n: int(search.floats[n].weight.numel()) for n in search.names}
     path = greedy_path(sens, counts, search.bits)
     budget = getattr(config, "bits_budget", None)
@@ -228,7 +234,7 @@ def sensitivity_strategy(search, config):
         cfg = dict(path[idx])
         q, _ = search.measure(cfg)
     search.apply(cfg)
-    record = dict(method="sensitivity", bits_budget=budget,
+    record = dict(bits_budget=budget,
                   sensitivity={n: {int(b): float(v) for b, v in s.items()}
                                for n, s in sens.items()},
                   path_length=len(path), predicted_loss=predicted_loss(cfg, sens))
