@@ -184,6 +184,23 @@ def search_path(path: Sequence[Mapping[str, int]], evaluate: Callable[[Mapping[s
 # the allocation strategy of dnateq.quantize(method="sensitivity")
 # ---------------------------------------------------------------------------
 
+#: At most this many samples of the first calibration input measure the
+#: sensitivities (L x |bits| forward passes).
+SENS_SAMPLES = 32
+
+
+def head(x: Any, k: int) -> Any:
+    """The first ``k`` samples of a model input (a tensor, or a dict/tuple of
+    tensors sharing the leading batch dimension; anything else unchanged)."""
+    if isinstance(x, torch.Tensor):
+        return x[:k] if x.dim() > 0 else x
+    if isinstance(x, dict):
+        return {n: head(v, k) for n, v in x.items()}
+    if isinstance(x, (tuple, list)):
+        return type(x)(head(v, k) for v in x)
+    return x
+
+
 def sensitivity_strategy(search, config):
     """``method="sensitivity"``: measure every layer at every ``n`` on the first
     calibration input, build the greedy path, then take the point at
@@ -193,7 +210,8 @@ def sensitivity_strategy(search, config):
     import warnings
     from .allocate import Allocation
     from .select import disable_fast_paths
-    inputs = list(getattr(search, "calib_inputs", None) or search.quality.inputs)[:1]
+    inputs = [head(x, SENS_SAMPLES) for x in
+              list(getattr(search, "calib_inputs", None) or search.quality.inputs)[:1]]
     if not inputs:
         raise RuntimeError("dnateq.quantize: method='sensitivity' needs a calibration input")
     from .call import select_valid
