@@ -449,3 +449,17 @@ def test_mechanisms_survive_save_and_load(tmp_path):
     r = dnateq.load(path, model)
     with torch.no_grad():
         torch.testing.assert_close(r(x), q(x), rtol=1e-5, atol=1e-6)
+
+
+def test_the_default_is_the_sensitivity_method_with_the_default_passes():
+    from dnateq.calibration import pipeline as PL
+    model = small_net()
+    q = dnateq.quantize(model, small_batches(5), progress=False, calib_batches=2,
+                        eval_batches=2, sample_size=4096)      # proxy on held-out batches
+    info = q.dnateq_info
+    assert info["method"] == "sensitivity" and info["metric"] == "proxy"
+    assert info["passes"] == list(PL.DEFAULT_PASSES["sensitivity"])
+    assert info["loss"] <= 1.0 + 1e-9 or info["fallback"]
+    assert all(set(info["layer_passes"][n]) >= set(info["passes"]) - {"smoothing"}
+               for n in qlayers(q))
+    modes_agree(q, small_batches(1, seed=14)[0])
