@@ -57,9 +57,6 @@ DEFAULT_PASSES: Dict[str, Tuple[str, ...]] = {
     "paper": (),
     "sensitivity": ("per_channel", "clip", "bias_correction"),
 }
-from ..nn.modules import ExpLinear as _ExpLinear  # noqa: E402
-if not hasattr(_ExpLinear, "set_smooth"):   # modules without per-channel support yet
-    DEFAULT_PASSES["sensitivity"] = ("clip", "bias_correction")
 
 
 @dataclass
