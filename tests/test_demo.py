@@ -20,7 +20,10 @@ def test_demo_quantizes_digits_cnn(tmp_path, monkeypatch, capsys):
         assert row in printed
     assert out["acc_float"] - out["acc_int8"] <= 1.0          # INT8 is near-lossless here
     assert set(out["acc_uniform"]) == {"paper", "storage"}
-    assert out["file_bytes"] < out["totals"]["bytes_int8"]     # smaller than INT8 weights
+    # the packed codes are smaller than INT8 weights; the file (codes, per-channel
+    # parameters, biases, the ~10 KB calibration record) smaller than FP32 weights
+    assert out["totals"]["bytes_packed"] < out["totals"]["bytes_int8"]
+    assert out["file_bytes"] < out["totals"]["bytes_fp32"]
     # second run loads the cached weights: same float accuracy, no training line
     again = demo.run(seed=0, max_loss=1.0, progress=False)
     assert again["acc_float"] == out["acc_float"]

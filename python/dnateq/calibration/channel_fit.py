@@ -145,8 +145,8 @@ def _row_subset(w: torch.Tensor, max_elems: int, gen: torch.Generator) -> torch.
 
 def choose_shared_alpha(w: torch.Tensor, a: Optional[torch.Tensor], bits: int,
                         rounding: str = "nearest", per_channel: bool = True,
-                        candidates: Sequence[float] = (), grid: int = 40,
-                        max_elems: int = 1 << 16, seed: int = 0) -> float:
+                        candidates: Sequence[float] = (), grid: int = 24,
+                        max_elems: int = 1 << 15, seed: int = 0) -> float:
     """The one base of a layer: the ``alpha`` minimizing ``RMAE_W + RMAE_A``, with
     the weights fitted per output channel (``per_channel``) or per tensor and
     the activation sample ``a`` per tensor (``a=None``: weights only), both by
@@ -206,7 +206,7 @@ def choose_shared_alpha(w: torch.Tensor, a: Optional[torch.Tensor], bits: int,
         g = (math.sqrt(5) - 1) / 2
         c, d = b_ - g * (b_ - a_), a_ + g * (b_ - a_)
         fc, fd = f(c), f(d)
-        for _ in range(12):
+        for _ in range(8):
             if fc < fd:
                 b_, d, fd = d, c, fc
                 c = b_ - g * (b_ - a_)

@@ -343,6 +343,18 @@ def _needs_inputs(config: QuantizeConfig) -> bool:
     return bool(config.passes) or config.method != "paper"
 
 
+def _row_record(r: Dict[str, Any]) -> Dict[str, Any]:
+    """A table row for ``dnateq_info``: the per-channel vectors and the bias
+    correction (they live in the layers) reduced to flags."""
+    out = {k: _plain(v) for k, v in r.items()
+           if k not in ("w_scale", "w_offset", "delta", "out_err_full_range")}
+    if r.get("w_scale") is not None:
+        out["per_channel"] = True
+    if r.get("delta") is not None:
+        out["bias_corrected"] = True
+    return out
+
+
 def _plain(v: Any) -> Any:
     """JSON-friendly record values: tensors become a short summary."""
     if isinstance(v, torch.Tensor):
@@ -390,7 +402,7 @@ def _record(state: Calibration, search: LayerSearch, alloc: Allocation, clock) -
         first_layer=state.names[0],
         tables={n: dict(start=t["start"], rss_w=t["rss_w"], rss_a=t["rss_a"],
                         a_signed=t["a_signed"],
-                        rows={b: _plain(dict(r)) for b, r in t["rows"].items()})
+                        rows={b: _row_record(r) for b, r in t["rows"].items()})
                 for n, t in state.tables.items()},
         method=c.method, passes=list(c.passes),
         layer_passes={n: list(v) for n, v in state.layer_passes.items()},
