@@ -329,6 +329,30 @@ def test_shared_module_quantized_once_and_kept_shared(inplace, tmp_path):
     assert u.a is u.b and type(u.b) is not nn.Linear
 
 
+class TiedHead(nn.Module):
+    """Input and output embeddings sharing one Parameter (tied language models)."""
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(12, 16)
+        self.mid = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 12, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.head(torch.relu(self.mid(self.emb(ids))))
+
+
+def test_tied_parameters_are_not_silently_untied():
+    m = TiedHead()
+    batches = [torch.randint(0, 12, (8, 5), generator=gen(i)) for i in range(4)]
+    q = dnateq.quantize(m, batches, bits=(6,), **KW)
+    assert isinstance(q.mid, dnateq.nn.ExpLinear)
+    assert type(q.head) is nn.Linear and q.head.weight is q.emb.weight
+    assert q.dnateq_info["skipped"]["head"].startswith("its parameters are tied to emb.weight")
+    assert "head" in dnateq.report(q).to_dict()["skipped"]
+
+
 def test_transformers_conv1d_is_quantized_as_linear(tmp_path):
     transformers = pytest.importorskip("transformers", reason="transformers is not installed")
     cfg = transformers.GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=2)
@@ -346,7 +370,10 @@ def test_transformers_conv1d_is_quantized_as_linear(tmp_path):
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     names = {n for n, m in q.named_modules() if isinstance(m, dnateq.nn.ExpLinear)}
     assert {"transformer.h.0.attn.c_attn", "transformer.h.0.attn.c_proj",
-            "transformer.h.0.mlp.c_fc", "transformer.h.1.mlp.c_proj", "lm_head"} <= names
+            "transformer.h.0.mlp.c_fc", "transformer.h.1.mlp.c_proj"} <= names
+    # GPT-2 ties lm_head.weight to the token embedding: left in float, said so
+    assert "lm_head" not in names and q.lm_head.weight is q.transformer.wte.weight
+    assert "tied to transformer.wte.weight" in q.dnateq_info["skipped"]["lm_head"]
     assert len(q.dnateq_info["conv1d_replaced"]) == 8
     b = batches[0]
     with torch.no_grad():

@@ -84,6 +84,26 @@ def module_aliases(root: nn.Module) -> Dict[str, List[str]]:
     return out
 
 
+def tied_elsewhere(root: nn.Module, names: Sequence[str]) -> Dict[str, List[str]]:
+    """``{layer: [other owners]}`` for the layers ``names`` whose weight or bias
+    Parameter is also held by another module (tied input/output embeddings:
+    ``lm_head.weight is wte.weight``). Quantizing such a layer would give it its
+    own codes while the other holder keeps the float tensor, silently untying
+    them, so :func:`select` leaves it in float and lists it as skipped."""
+    owners: Dict[int, List[Tuple[int, str]]] = {}
+    for mn, m in root.named_modules(remove_duplicate=False):
+        for pn, p in m.named_parameters(recurse=False):
+            owners.setdefault(id(p), []).append((id(m), f"{mn}.{pn}" if mn else pn))
+    out: Dict[str, List[str]] = {}
+    for n in names:
+        m = get_module(root, n)
+        others = sorted({name for p in m.parameters(recurse=False)
+                         for mid, name in owners.get(id(p), []) if mid != id(m)})
+        if others:
+            out[n] = others
+    return out
+
+
 def prepare_like(model: nn.Module, mha_names: Sequence[str], conv1d_names: Sequence[str]
                  ) -> nn.Module:
     """A copy of ``model`` prepared as a calibration prepared it (the attention
@@ -160,6 +180,10 @@ def select(work: nn.Module, layers: Optional[Sequence[str]] = None,
                 skipped[n] = f"padding_mode={m.padding_mode!r} (only 'zeros' is quantized)"
                 continue
             cands.append(n)
+    for n, others in tied_elsewhere(work, cands).items():
+        cands.remove(n)
+        skipped[n] = (f"its parameters are tied to {', '.join(others)} (quantizing it "
+                      "would untie them; untie them first to quantize it)")
     if not cands:
         raise ValueError(f"{who}: the model has no quantizable layer (nn.Linear, "
                          "nn.Conv2d with zero padding, nn.MultiheadAttention, "
