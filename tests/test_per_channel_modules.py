@@ -158,3 +158,19 @@ def test_report_and_repr_say_per_channel():
     assert "per_channel=True" in repr(q) and "smooth=True" in repr(q)
     p = q.params()
     assert p["per_channel"] is True and p["smooth"] is True
+
+
+def test_report_counts_the_parameter_bits():
+    # 12 x 40 per-channel layer with a smoothing vector: 3 scalars (alpha, S_a,
+    # beta_a) + 2 x 12 channel params + 40 smoothing factors, float32 each
+    g = gen(7501)
+    _, q, _ = _linear(g, smooth=True)
+    t = dnateq.report(nn.Sequential(q)).totals
+    extra = 32 * (3 + 2 * 12 + 40) / (12 * 40)
+    assert t["storage_bits_with_params"] == pytest.approx(t["storage_bits"] + extra)
+    # a per-tensor layer without smoothing: 5 scalars
+    _, p, _ = _linear(g)
+    p2 = ExpLinear(p.dequantized_weight(), None, 4, (p.alpha, p.sw, p.bw), (p.alpha, p.sa, p.ba))
+    t2 = dnateq.report(nn.Sequential(p2)).totals
+    assert t2["storage_bits_with_params"] == pytest.approx(t2["storage_bits"] + 32 * 5 / 480)
+    assert "with the layers' float32 parameters" in dnateq.report(nn.Sequential(q)).to_markdown()

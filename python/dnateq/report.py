@@ -87,7 +87,8 @@ class Report:
             "",
             f"- quantized layers: {t['layers']}, weights: {t['weights']}",
             f"- average bits (paper, n only): {t['avg_bits']:.3f}",
-            f"- storage bits (with sign): {t['storage_bits']:.3f}",
+            f"- storage bits (with sign): {t['storage_bits']:.3f}; with the layers' float32 "
+            f"parameters (scales, offsets, smoothing): {t['storage_bits_with_params']:.3f}",
             f"- compression vs INT8: {t['compression_vs_int8']['paper']:.1%} (paper), "
             f"{t['compression_vs_int8']['storage']:.1%} (storage)",
             f"- bytes: FP32 {t['bytes_fp32']}, INT8 {t['bytes_int8']}, packed {t['bytes_packed']}",
@@ -137,6 +138,10 @@ def report(qmodel: nn.Module) -> Report:
             S_w_max=float(m.w_scale.max()) if pc else m.sw,
             smooth=m.smooth is not None,
             mechanisms=list(inf.get("mechanisms", [])),
+            # float32 parameters the layer stores besides its codes: alpha, S/beta of
+            # A and W (or w_scale/w_offset, one pair per output channel), smooth [K]
+            param_bits=32 * (3 + (2 * m.w_shape[0] if pc else 2)
+                             + (int(m.smooth.numel()) if m.smooth is not None else 0)),
         ))
     if not rows:
         raise ValueError("dnateq.report: the model has no dnateq quantized layer "
@@ -149,6 +154,10 @@ def report(qmodel: nn.Module) -> Report:
         layers=len(rows), weights=nw, avg_bits=avg, storage_bits=sto,
         compression_vs_int8={"paper": 1.0 - avg / 8.0, "storage": 1.0 - sto / 8.0},
         bytes_fp32=4 * nw, bytes_int8=nw, bytes_packed=sum(r["packed_bytes"] for r in rows),
+        # storage bits plus the layers' float32 parameters spread over their weights:
+        # per-channel scales/offsets cost 64 bits per output channel, which matters
+        # on small layers
+        storage_bits_with_params=sto + sum(r["param_bits"] for r in rows) / nw,
     )
     notes: List[str] = []
     skipped: Dict[str, str] = {}
