@@ -12,8 +12,9 @@
 
 :func:`fit_layer` returns the same table layout as the paper's fit (``rows``
 per ``n`` with ``alpha, sw, bw, sa, ba, rmae_w, rmae_a``) plus what the
-mechanisms found (``out_err``, ``delta``, ``clip``); :func:`build_layer`
-turns one row into an ``ExpLinear``/``ExpConv2d``. With every mechanism off,
+mechanisms found (``out_err``, ``delta``, ``clip``);
+:func:`dnateq.calibration.build.build_layer` turns one row into an
+``ExpLinear``/``ExpConv2d``. With every mechanism off,
 :func:`fit_layer` is exactly the paper's fit (SPEC section 3, items 2-3).
 """
 from __future__ import annotations
@@ -28,7 +29,7 @@ import torch.nn as nn
 from .channel_fit import choose_shared_alpha, fake_quant, fit_weight_rows, rows_rmae
 from .clip import LayerProbe, fit_activation
 
-__all__ = ["Mechanisms", "fit_layer", "build_layer", "MECHANISM_NAMES"]
+__all__ = ["Mechanisms", "fit_layer", "MECHANISM_NAMES"]
 
 MECHANISM_NAMES = ("per_channel", "smoothing", "clip", "bias_correction", "sensitivity")
 
@@ -111,22 +112,3 @@ def row_summary(row: Dict[str, Any]) -> Dict[str, Any]:
         else:
             out[k] = v
     return out
-
-
-def build_layer(fmod: nn.Module, b: int, row: Dict[str, Any], *, a_signed: bool,
-                rounding: str, mode: str, info: Dict[str, Any],
-                smooth: Optional[torch.Tensor] = None) -> nn.Module:
-    """The quantized module of ``fmod`` (whose weight is already smoothed) at
-    ``n = b`` with the row's parameters, smoothing vector and bias correction."""
-    from ..nn.modules import ExpConv2d, ExpLinear
-    cls = ExpLinear if isinstance(fmod, nn.Linear) else ExpConv2d
-    wp = (row["alpha"], row["sw"], row["bw"])
-    q = cls.from_float(fmod, b, wp, (row["alpha"], row["sa"], row["ba"]), a_signed=a_signed,
-                       rounding=rounding, mode=mode, info=info)
-    if smooth is not None:
-        q.set_smooth(smooth)
-    d = row.get("delta")
-    if d is not None:
-        d = d.detach().float().to(q.w_packed.device)
-        q.bias = d.clone() if q.bias is None else q.bias + d
-    return q
