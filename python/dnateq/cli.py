@@ -274,8 +274,8 @@ def add_quantize_parser(sub) -> argparse.ArgumentParser:
                         "--skip with no pattern quantizes every layer")
     q.add_argument("--mode", choices=("lut", "count", "fake"), default="lut",
                    help="execution mode of the quantized layers (default lut)")
-    q.add_argument("--method", choices=("sensitivity", "paper"), default="sensitivity",
-                   help="bit allocation: sensitivity (default: measured per layer, greedy under "
+    q.add_argument("--method", choices=("sensitivity", "paper"), default=None,
+                   help="bit allocation: sensitivity (default in one process: measured per layer, greedy under "
                         "max_loss, with the default mechanisms) or paper (the threshold rule, "
                         "reproduced exactly)")
     q.add_argument("--passes", nargs="*", metavar="PASS", default=None,

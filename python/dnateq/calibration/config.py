@@ -21,7 +21,9 @@ class QuantizeConfig:
     ``act_threshold_scale`` a float (or ``"auto"``).
 
     ``method`` names the bit-allocation strategy (``"sensitivity"``, the
-    default, or ``"paper"``: the threshold rule; see
+    default in one process, or ``"paper"``: the threshold rule, the default
+    under torchrun with more than one rank, where the sensitivity measurements
+    and the mechanism passes are not yet merged across ranks; see
     :data:`dnateq.calibration.allocate.STRATEGIES`); ``passes`` the extra
     calibration passes to run, by name (see
     :data:`dnateq.calibration.pipeline.PASSES`; None = the method's
@@ -45,7 +47,7 @@ class QuantizeConfig:
     mode: str = "lut"
     progress: bool = True
     seed: int = 0
-    method: str = "sensitivity"
+    method: Optional[str] = None
     passes: Optional[Tuple[str, ...]] = None
     smoothing: str = "auto"
     bits_budget: Optional[float] = None
@@ -105,6 +107,10 @@ class QuantizeConfig:
             raise TypeError(f"{_WHO}: eval_fn must be callable (model -> float)")
         ModelCall(c.forward, c.mask, _WHO)   # checks forward and mask
         from .allocate import STRATEGIES
+        if c.method is None:
+            from ..eval import distributed as _dist
+            multi = _dist.is_distributed() and _dist.world_size() > 1
+            c.method = "paper" if multi else "sensitivity"
         if c.method not in STRATEGIES:
             raise ValueError(f"{_WHO}: method must be one of {sorted(STRATEGIES)}, got "
                              f"{c.method!r}")

@@ -161,7 +161,7 @@ def quantize(model: nn.Module, loader: Iterable, *,
              mode: str = "lut",
              progress: bool = True,
              seed: int = 0,
-             method: str = "sensitivity",
+             method: Optional[str] = None,
              passes: Optional[Sequence[str]] = None,
              forward: Optional[Callable[[nn.Module, Any], Any]] = None,
              mask: Any = None,
@@ -231,7 +231,10 @@ def quantize(model: nn.Module, loader: Iterable, *,
             (``progress=False`` silences them).
         seed: seed of the activation sub-sampling (results are deterministic
             for a fixed seed and loader).
-        method: the bit allocation. ``"sensitivity"`` (default): every layer's
+        method: the bit allocation; None (default): ``"sensitivity"`` in one
+            process, ``"paper"`` under torchrun with several ranks (the
+            sensitivity measurements and passes are not merged across ranks
+            yet). ``"sensitivity"``: every layer's
             effect on the model output is measured at every ``n`` (only that
             layer quantized), a greedy path lowers the layer that costs least
             per weight-bit saved, and the cheapest point of the path within
