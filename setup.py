@@ -41,8 +41,9 @@ def rel(paths):
 
 
 def extension():
-    cpp = rel(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")) +
-              glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
+    # csrc/*.cpp (schemas) and csrc/<family>/*.cpp (the operator families);
+    # the CUDA sources are csrc/<family>/*.cu (docs/ARCHITECTURE.md).
+    cpp = rel(glob.glob(os.path.join(ROOT, "csrc", "**", "*.cpp"), recursive=True))
     cxx_flags = ["-O3", "-fopenmp", "-fvisibility=hidden",
                  "-DPy_LIMITED_API=0x030B0000"]
     link = ["-fopenmp"]
@@ -51,10 +52,10 @@ def extension():
                             extra_compile_args={"cxx": cxx_flags}, extra_link_args=link,
                             py_limited_api=True)
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-    cu = rel(glob.glob(os.path.join(ROOT, "kernels", "*.cu")))
+    cu = rel(glob.glob(os.path.join(ROOT, "csrc", "**", "*.cu"), recursive=True))
     return CUDAExtension(
         "dnateq._C", cpp + cu,
-        include_dirs=[os.path.join(ROOT, "csrc"), os.path.join(ROOT, "kernels")],
+        include_dirs=[os.path.join(ROOT, "csrc")],
         define_macros=[("DNATEQ_WITH_CUDA", "1")],
         extra_compile_args={"cxx": cxx_flags + ["-DDNATEQ_WITH_CUDA=1"],
                             "nvcc": ["-O3", "--expt-relaxed-constexpr",

@@ -1,5 +1,6 @@
 // C++ entry points of the dnateq operators (SPEC section 5). The CPU
-// implementations live in csrc/cpu/, the CUDA ones in kernels/; both are
+// implementations live in csrc/<family>/cpu.cpp, the CUDA ones in
+// csrc/<family>/cuda.cu; both are
 // registered with the dispatcher, and C++ tests may call these directly.
 #pragma once
 

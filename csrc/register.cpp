@@ -2,12 +2,12 @@
 // may only be appended, with defaults. w_scale/w_offset (SPEC section 9):
 // per-output-channel weight parameters, float32 [N], given together; they
 // replace sw/bw. Backends register in
-// cpu/cpu_registration.cpp and kernels/cuda_registration.cu; fake (meta)
+// register_cpu.cpp and csrc/register_cuda.cu; fake (meta)
 // kernels are registered from Python (python/dnateq/_meta.py).
 #include <Python.h>
 #include <torch/library.h>
 
-#include "cpu/fast_lut.h"
+#include "lut/fast_lut.h"
 
 // An importable `dnateq._C` so that `import dnateq` loads this library and
 // runs the static registrations below; the module itself holds nothing.

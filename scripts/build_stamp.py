@@ -4,8 +4,9 @@ torch.
 
 The stamp (``build/dnateq_C.stamp.json``, written after a successful build) holds
 
-- ``sources``: SHA-256 over the path and bytes of every file under ``csrc/`` and
-  ``kernels/`` and of ``setup.py``;
+- ``sources``: SHA-256 over the path and bytes of every file under ``csrc/``
+  (schemas, shared headers and the operator families, CPU and CUDA) and of
+  ``setup.py``;
 - ``torch``: the installed torch version; ``cuda``: whether setup.py builds the
   CUDA kernels (same rule as setup.py: ``DNATEQ_CUDA``, ``torch.version.cuda``,
   ``CUDA_HOME``); ``arch``: ``TORCH_CUDA_ARCH_LIST`` (only when ``cuda``);
@@ -30,7 +31,7 @@ import sys
 from typing import Dict, List, Mapping, Optional, Tuple
 
 STAMP = os.path.join("build", "dnateq_C.stamp.json")
-SOURCE_DIRS = ("csrc", "kernels")
+SOURCE_DIRS = ("csrc",)
 SOURCE_FILES = ("setup.py",)
 
 
@@ -114,7 +115,7 @@ def stale_reason(root: str, want: Dict[str, object]) -> Optional[str]:
         return "unreadable build stamp"
     if not isinstance(have, dict):
         return "unreadable build stamp"
-    names = {"sources": "the sources (csrc/, kernels/, setup.py) changed",
+    names = {"sources": "the sources (csrc/, setup.py) changed",
              "torch": "torch changed", "cuda": "CUDA on/off changed",
              "arch": "TORCH_CUDA_ARCH_LIST changed"}
     for key, why in names.items():

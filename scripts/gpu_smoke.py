@@ -3,7 +3,7 @@ compared with the CPU operator. Meant to run under compute-sanitizer
 (scripts/gpu_check.sh), so it is short and touches every CUDA code path:
 quantize (check_finite on/off, every dtype), dequantize, pack/unpack (signed
 and unsigned, every width), the count ops (direct, weight terms, counter
-bits, conv with groups), the LUT ops (packed GEMV of kernels/gemv.cu at every
+bits, conv with groups), the LUT ops (packed GEMV of csrc/lut/gemv.cu at every
 field width and with split-K, the fallback GEMV, the float32 and bf16x3 GEMM
 paths, conv), the non-finite errors, exp_error and exp_fit.
 
@@ -130,7 +130,7 @@ def main(argv=None) -> int:
         lut_linear(1, 128, 1, 3, True, torch.float16, 1e-3, "gemv2 fp16 1x128x1")
         lut_linear(8, 8192, 20, 3, True, torch.bfloat16, 8e-3, "gemv2 bf16 split-K")
         lut_linear(2, 4096, 300, 4, True, torch.float32, 1e-5, "gemv2 split-K fp32")
-    check("exp_linear_lut packed GEMV (kernels/gemv.cu)", gemv2, "gemv2")
+    check("exp_linear_lut packed GEMV (csrc/lut/gemv.cu)", gemv2, "gemv2")
 
     def lut_other():
         lut_linear(3, 1000, 33, 4, True, torch.float32, 1e-5, "fallback GEMV (K % 128 != 0)")

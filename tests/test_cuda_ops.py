@@ -407,7 +407,7 @@ def test_lut_non_finite_raises_like_cpu(case, bad, dtype):
 @pytest.mark.parametrize("bits", range(2, 8))
 @pytest.mark.parametrize("signed", [True, False])
 def test_gemv2_every_width(bits, signed):
-    """kernels/gemv.cu at every field width, M = 1..8, against the CPU op."""
+    """csrc/lut/gemv.cu at every field width, M = 1..8, against the CPU op."""
     for M, K, N in ((1, 128, 1), (2, 1024, 70), (3, 384, 257), (5, 2048, 33), (8, 1024, 129)):
         x, wp, p = _lut_layer(M, K, N, bits, signed, seed=bits * 10 + M, relu=False)
         bias = torch.randn(N)

@@ -1,4 +1,4 @@
-"""CPU emulation of the CUDA packed GEMV (kernels/gemv.cu, gemv2_kernel): its
+"""CPU emulation of the CUDA packed GEMV (csrc/lut/gemv.cu, gemv2_kernel): its
 unit / vector / field index math against exp_pack's format for every field
 width (n = 2..7, signed and unsigned), its shared-memory swizzle (a
 bijection, and conflict-free for the 8 lanes of a quarter warp), its split-K

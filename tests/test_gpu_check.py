@@ -1,7 +1,7 @@
 """scripts/gpu_check.sh and scripts/gpu_smoke.py without a GPU: the script
 parses, refuses cleanly (exit 2) when torch sees no device, and the smoke
 test's calls run against the CPU. The full dry run (GPU_CHECK_DRY_RUN=1, about
-a minute and a half) is documented in kernels/README.md, not run here."""
+a minute and a half) is documented in docs/CUDA.md, not run here."""
 import os
 import subprocess
 import sys

@@ -137,7 +137,7 @@ def _layer_data():
 
 @pytest.mark.parametrize("data", [_conv_data, _layer_data])
 def test_bf16x3_is_float32_faithful_and_tf32_is_not(data):
-    """bf16x3 (hi*hi + hi*lo + lo*hi, as kernels/gemv.cu bf16x3_linear) stays far
+    """bf16x3 (hi*hi + hi*lo + lo*hi, as csrc/lut/gemv.cu bf16x3_linear) stays far
     inside SPEC section 4's float32 tolerance (1e-4 x max); TF32 (10-bit
     mantissas, what cuDNN used for the fp32 conv) does not, which is what the
     CUDA conv test sees when TF32 is left on."""

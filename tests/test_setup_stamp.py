@@ -19,12 +19,12 @@ TOOLS = ("2.9.0", "12.8", "/usr/local/cuda")
 
 
 def _tree(tmp_path):
-    (tmp_path / "csrc" / "cpu").mkdir(parents=True)
-    (tmp_path / "kernels").mkdir()
+    (tmp_path / "csrc" / "fit").mkdir(parents=True)
+    (tmp_path / "csrc" / "lut").mkdir()
     (tmp_path / "python" / "dnateq").mkdir(parents=True)
     (tmp_path / "csrc" / "checks.h").write_text("// checks\n")
-    (tmp_path / "csrc" / "cpu" / "fit.cpp").write_text("int f() { return 1; }\n")
-    (tmp_path / "kernels" / "lut.cu").write_text("// cuda\n")
+    (tmp_path / "csrc" / "fit" / "cpu.cpp").write_text("int f() { return 1; }\n")
+    (tmp_path / "csrc" / "lut" / "cuda.cu").write_text("// cuda\n")
     (tmp_path / "setup.py").write_text("setup()\n")
     (tmp_path / "python" / "dnateq" / "_C.abi3.so").write_bytes(b"\x7fELF built")
     return str(tmp_path)
@@ -43,7 +43,7 @@ def test_fresh_build_is_up_to_date(tmp_path):
     assert bs.stale_reason(root, bs.compute(root, ENV, *TOOLS)) is None
 
 
-@pytest.mark.parametrize("path", ["csrc/cpu/fit.cpp", "csrc/checks.h", "kernels/lut.cu",
+@pytest.mark.parametrize("path", ["csrc/fit/cpu.cpp", "csrc/checks.h", "csrc/lut/cuda.cu",
                                   "setup.py"])
 def test_changed_source_rebuilds(tmp_path, path):
     root = _tree(tmp_path)
@@ -56,11 +56,11 @@ def test_changed_source_rebuilds(tmp_path, path):
 def test_new_or_removed_source_rebuilds(tmp_path):
     root = _tree(tmp_path)
     _built(root)
-    (tmp_path / "csrc" / "cpu" / "new.cpp").write_text("")
+    (tmp_path / "csrc" / "fit" / "new.cpp").write_text("")
     assert "sources" in bs.stale_reason(root, bs.compute(root, ENV, *TOOLS))
-    (tmp_path / "csrc" / "cpu" / "new.cpp").unlink()
+    (tmp_path / "csrc" / "fit" / "new.cpp").unlink()
     assert bs.stale_reason(root, bs.compute(root, ENV, *TOOLS)) is None
-    (tmp_path / "kernels" / "lut.cu").unlink()
+    (tmp_path / "csrc" / "lut" / "cuda.cu").unlink()
     assert "sources" in bs.stale_reason(root, bs.compute(root, ENV, *TOOLS))
 
 

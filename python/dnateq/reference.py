@@ -414,7 +414,7 @@ def exp_unpack(packed: torch.Tensor, bits: int, signed: bool,
 
 
 # ---------------------------------------------------------------------------
-# The LUT fast path's offline weight layout (SPEC section 9; csrc/cpu/fast_layout.h)
+# The LUT fast path's offline weight layout (SPEC section 9; csrc/lut/fast_layout.h)
 # ---------------------------------------------------------------------------
 
 LAYOUT_MAGIC = 0x4C515444   # "DTQL"

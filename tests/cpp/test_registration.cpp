@@ -1,5 +1,5 @@
 // The operators are registered with the dispatcher (csrc/register.cpp,
-// csrc/cpu/cpu_registration.cpp) with the binding argument order of SPEC
+// csrc/register_cpu.cpp) with the binding argument order of SPEC
 // section 5, and calling through the dispatcher reaches the CPU kernels.
 #include <gtest/gtest.h>
 

@@ -1,0 +1,439 @@
+// AVX-512 GEMV of the LUT fast path (M <= 8 activation rows) on the offline
+// weight layout of fast_layout.h: the weight levels live in registers and are
+// read with vpermps / vpermi2b, fused into the FMA loop; fp32 accumulation in
+// registers, flushed to double every kFlush inputs.
+//
+// The whole file is compiled for AVX-512 (F, BW, VL, DQ, VBMI) through the
+// pragma below, so that it needs no build flag of its own and the same source
+// builds with setup.py and CMake. It includes only <immintrin.h> and C
+// headers with no inline code shared with other translation units (the
+// functions here are called only after a run-time CPU check).
+#if defined(__x86_64__) || defined(_M_X64)
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi,fma,bmi2")
+#include <immintrin.h>
+#include <stdint.h>
+#include <string.h>
+
+#include <type_traits>
+
+#include "lut/fast_layout.h"
+
+namespace dnateq {
+namespace cpu {
+namespace fast {
+namespace {
+
+constexpr int64_t kFlush = 4096;  // inputs per fp32 partial sum
+
+inline uint32_t load_u32(const uint8_t* p) {
+  uint32_t v;
+  memcpy(&v, p, 4);
+  return v;
+}
+
+// Magnitude levels of one row (biased exponent -> float), 2^bits entries
+// (entry 0 = 0), padded with zeros to `pad` (a multiple of 16).
+inline void row_levels(const GemvArgs& a, int64_t n, float* lv, int pad) {
+  const int L = 1 << a.bits;
+  if (!a.scale) {
+    for (int i = 0; i < pad; i += 16) {
+      const __mmask16 k = i < L ? static_cast<__mmask16>(L - i >= 16 ? 0xFFFF : (1u << (L - i)) - 1) : 0;
+      _mm512_storeu_ps(lv + i, _mm512_maskz_loadu_ps(k, a.levels + i));
+    }
+    lv[0] = 0.f;
+    return;
+  }
+  const __m512d s = _mm512_set1_pd(static_cast<double>(a.scale[n]));
+  const __m512d o = _mm512_set1_pd(static_cast<double>(a.offset[n]));
+  for (int i = 0; i < pad; i += 8) {
+    const __mmask8 k = i < L ? static_cast<__mmask8>(L - i >= 8 ? 0xFF : (1u << (L - i)) - 1) : 0;
+    // scale * pw + offset in double (not fused), rounded once to float
+    const __m512d v = _mm512_add_pd(_mm512_mul_pd(s, _mm512_maskz_loadu_pd(k, a.pw + i)), o);
+    _mm256_storeu_ps(lv + i, _mm256_maskz_mov_ps(k, _mm512_cvtpd_ps(v)));
+  }
+  lv[0] = 0.f;
+}
+
+// ---------------------------------------------------------------- kind 1 --
+// NT: register tables of 16 levels (1, or 2 picked by field bit 4);
+// SG: plane index of the sign bit (-1: the field table holds the sign).
+template <int NT, int SG>
+struct Kind1 {
+  static constexpr int kPlanes = (NT == 2 ? 1 : 0) + (SG >= 0 ? 1 : 0);
+  static constexpr int64_t kGroupBytes = 16 + 4 * kPlanes;
+
+  // The register tables of one row.
+  static inline void tables(const GemvArgs& a, int64_t n, __m512* t) {
+    alignas(64) float lv[32];
+    row_levels(a, n, lv, 32);
+    if (SG < 0 && a.is_signed) {
+      // b <= 4: the table is indexed by the whole field (sign at bit `bits`).
+      const int h = 1 << a.bits;
+      alignas(64) float f[16];
+      for (int i = 0; i < 16; ++i) {
+        f[i] = i < h ? lv[i] : (i < 2 * h ? -lv[i - h] : 0.f);
+      }
+      t[0] = _mm512_load_ps(f);
+    } else {
+      t[0] = _mm512_load_ps(lv);
+      if constexpr (NT == 2) t[1] = _mm512_load_ps(lv + 16);
+    }
+  }
+
+  // Levels of 16 fields whose low nibbles are the low 4 bits of `idx`; the
+  // 16-bit masks hold field bits 4 (k4) and the sign (ks).
+  static inline __m512 lookup(__m512i idx, const __m512* t, __mmask16 k4, __mmask16 ks) {
+    __m512 v = _mm512_permutexvar_ps(idx, t[0]);
+    if constexpr (NT == 2) v = _mm512_mask_permutexvar_ps(v, k4, idx, t[1]);
+    if constexpr (SG >= 0) {
+      v = _mm512_castsi512_ps(_mm512_mask_xor_epi32(
+          _mm512_castps_si512(v), ks, _mm512_castps_si512(v),
+          _mm512_set1_epi32(static_cast<int>(0x80000000u))));
+    }
+    return v;
+  }
+
+  // R rows starting at row n, M activation rows: out[r * M + m].
+  template <int M, int R>
+  static void rows(const GemvArgs& a, int64_t n, double* out) {
+    __m512 t[R][NT];
+    const uint8_t* base[R];
+    for (int r = 0; r < R; ++r) {
+      tables(a, n + r, t[r]);
+      base[r] = a.data + (n + r) * a.row_bytes;
+    }
+    double total[R][M] = {};
+    const int64_t G = a.Kp / 32;
+    const int64_t gflush = kFlush / 32;
+    for (int64_t g0 = 0; g0 < G; g0 += gflush) {
+      const int64_t g1 = G - g0 < gflush ? G : g0 + gflush;
+      __m512 acc[R][M];
+      for (int r = 0; r < R; ++r)
+        for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
+      for (int64_t g = g0; g < g1; ++g) {
+        const float* xg = a.x + 32 * g;
+        for (int r = 0; r < R; ++r) {
+          const uint8_t* p = base[r] + g * kGroupBytes;
+          const __m512i d0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+          const __m512i d1 = _mm512_srli_epi32(d0, 4);
+          uint32_t p4 = 0, ps = 0;
+          if constexpr (NT == 2) p4 = load_u32(p + 16);
+          if constexpr (SG >= 0) ps = load_u32(p + 16 + 4 * SG);
+          const __m512 v0 = lookup(d0, t[r], static_cast<__mmask16>(p4), static_cast<__mmask16>(ps));
+          const __m512 v1 = lookup(d1, t[r], static_cast<__mmask16>(p4 >> 16),
+                                   static_cast<__mmask16>(ps >> 16));
+          for (int m = 0; m < M; ++m) {
+            const float* xm = xg + m * a.Kp;
+            acc[r][m] = _mm512_fmadd_ps(v0, _mm512_loadu_ps(xm), acc[r][m]);
+            acc[r][m] = _mm512_fmadd_ps(v1, _mm512_loadu_ps(xm + 16), acc[r][m]);
+          }
+        }
+      }
+      for (int r = 0; r < R; ++r)
+        for (int m = 0; m < M; ++m) total[r][m] += _mm512_reduce_add_ps(acc[r][m]);
+    }
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < M; ++m) out[r * M + m] = total[r][m];
+  }
+};
+
+// ---------------------------------------------------------------- kind 2 --
+// One byte per field: 4 byte-plane tables of 128 entries (2 registers each)
+// read with vpermi2b, the sign bit XOR-ed into the top byte.
+struct Kind2 {
+  static inline void tables(const GemvArgs& a, int64_t n, __m512i* t) {
+    alignas(64) float lv[128];
+    row_levels(a, n, lv, 128);
+    // Byte plane p of the 128 levels: 2 registers (entries 0..63, 64..127).
+    // Each 64-byte register of floats is rearranged so that its bytes are
+    // grouped by plane, then the four 16-byte pieces are collected.
+    alignas(64) uint8_t planes[4][128];
+    const __m512i split = _mm512_set_epi8(
+        63, 59, 55, 51, 47, 43, 39, 35, 31, 27, 23, 19, 15, 11, 7, 3,
+        62, 58, 54, 50, 46, 42, 38, 34, 30, 26, 22, 18, 14, 10, 6, 2,
+        61, 57, 53, 49, 45, 41, 37, 33, 29, 25, 21, 17, 13, 9, 5, 1,
+        60, 56, 52, 48, 44, 40, 36, 32, 28, 24, 20, 16, 12, 8, 4, 0);
+    for (int c = 0; c < 8; ++c) {  // 16 floats each
+      const __m512i v = _mm512_permutexvar_epi8(split, _mm512_load_si512(lv + 16 * c));
+      alignas(64) uint8_t tmp[64];
+      _mm512_store_si512(tmp, v);
+      for (int p = 0; p < 4; ++p) memcpy(planes[p] + 16 * c, tmp + 16 * p, 16);
+    }
+    for (int p = 0; p < 4; ++p) {
+      t[2 * p] = _mm512_load_si512(planes[p]);
+      t[2 * p + 1] = _mm512_load_si512(planes[p] + 64);
+    }
+  }
+
+  template <int M, int R>
+  static void rows(const GemvArgs& a, int64_t n, double* out) {
+    static_assert(R == 1, "kind 2 decodes one row at a time");
+    __m512i t[8];
+    tables(a, n, t);
+    const uint8_t* base = a.data + n * a.row_bytes;
+    constexpr int NA = M <= 4 ? 2 : 1;
+    double total[M] = {};
+    const __m512i sign = _mm512_set1_epi8(static_cast<char>(0x80));
+    const int64_t G = a.Kp / 64;
+    const int64_t gflush = kFlush / 64;
+    for (int64_t g0 = 0; g0 < G; g0 += gflush) {
+      const int64_t g1 = G - g0 < gflush ? G : g0 + gflush;
+      __m512 acc[M][NA];
+      for (int m = 0; m < M; ++m)
+        for (int j = 0; j < NA; ++j) acc[m][j] = _mm512_setzero_ps();
+      for (int64_t g = g0; g < g1; ++g) {
+        const __m512i idx = _mm512_loadu_si512(base + 64 * g);
+        const __m512i b0 = _mm512_permutex2var_epi8(t[0], idx, t[1]);
+        const __m512i b1 = _mm512_permutex2var_epi8(t[2], idx, t[3]);
+        const __m512i b2 = _mm512_permutex2var_epi8(t[4], idx, t[5]);
+        // top byte ^ (idx & 0x80): the sign (levels may be negative for beta < 0)
+        const __m512i b3 = _mm512_ternarylogic_epi32(_mm512_permutex2var_epi8(t[6], idx, t[7]),
+                                                     idx, sign, 0x78);
+        const __m512i lo01 = _mm512_unpacklo_epi8(b0, b1), hi01 = _mm512_unpackhi_epi8(b0, b1);
+        const __m512i lo23 = _mm512_unpacklo_epi8(b2, b3), hi23 = _mm512_unpackhi_epi8(b2, b3);
+        const __m512 w0 = _mm512_castsi512_ps(_mm512_unpacklo_epi16(lo01, lo23));
+        const __m512 w1 = _mm512_castsi512_ps(_mm512_unpackhi_epi16(lo01, lo23));
+        const __m512 w2 = _mm512_castsi512_ps(_mm512_unpacklo_epi16(hi01, hi23));
+        const __m512 w3 = _mm512_castsi512_ps(_mm512_unpackhi_epi16(hi01, hi23));
+        const float* xg = a.x + 64 * g;
+        for (int m = 0; m < M; ++m) {
+          const float* xm = xg + m * a.Kp;
+          acc[m][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xm), acc[m][0]);
+          acc[m][NA - 1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xm + 16), acc[m][NA - 1]);
+          acc[m][0] = _mm512_fmadd_ps(w2, _mm512_loadu_ps(xm + 32), acc[m][0]);
+          acc[m][NA - 1] = _mm512_fmadd_ps(w3, _mm512_loadu_ps(xm + 48), acc[m][NA - 1]);
+        }
+      }
+      for (int m = 0; m < M; ++m) {
+        __m512 s = acc[m][0];
+        if (NA == 2) s = _mm512_add_ps(s, acc[m][1]);
+        total[m] += _mm512_reduce_add_ps(s);
+      }
+    }
+    for (int m = 0; m < M; ++m) out[m] = total[m];
+  }
+};
+
+template <typename KindT, int M, int R>
+void run_rows(const GemvArgs& a, int64_t n0, int64_t n1) {
+  double out[R * M];
+  int64_t n = n0;
+  auto store = [&](int64_t row, int rr, const double* o) {
+    const double b = a.bias ? static_cast<double>(a.bias[row]) : 0.0;
+    for (int m = 0; m < M; ++m) a.y[m * a.ldy + row] = static_cast<float>(o[rr * M + m] + b);
+  };
+  for (; n + R <= n1; n += R) {
+    KindT::template rows<M, R>(a, n, out);
+    for (int r = 0; r < R; ++r) store(n + r, r, out);
+  }
+  for (; n < n1; ++n) {
+    KindT::template rows<M, 1>(a, n, out);
+    store(n, 0, out);
+  }
+}
+
+template <typename KindT, int M>
+void dispatch_r(const GemvArgs& a, int64_t n0, int64_t n1) {
+  if constexpr (std::is_same_v<KindT, Kind2>) {
+    run_rows<KindT, M, 1>(a, n0, n1);
+  } else {
+    constexpr int R = M <= 2 ? 4 : (M <= 4 ? 2 : 1);
+    run_rows<KindT, M, R>(a, n0, n1);
+  }
+}
+
+template <typename KindT>
+void dispatch_m(const GemvArgs& a, int64_t n0, int64_t n1) {
+  switch (a.M) {
+    case 1: return dispatch_r<KindT, 1>(a, n0, n1);
+    case 2: return dispatch_r<KindT, 2>(a, n0, n1);
+    case 3: return dispatch_r<KindT, 3>(a, n0, n1);
+    case 4: return dispatch_r<KindT, 4>(a, n0, n1);
+    case 5: return dispatch_r<KindT, 5>(a, n0, n1);
+    case 6: return dispatch_r<KindT, 6>(a, n0, n1);
+    case 7: return dispatch_r<KindT, 7>(a, n0, n1);
+    default: return dispatch_r<KindT, 8>(a, n0, n1);
+  }
+}
+
+// ------------------------------------------------------------- encoder --
+// Biased exponents of 16 magnitudes by a branch-free binary search over the
+// sorted thresholds (padded with +inf to S - 1 = 2^steps - 1): step s reads
+// the probe thr[pos + s - 1] from a register table indexed by pos / 2s
+// (1 to 64 entries: a broadcast, vpermps, vpermi2ps, or two vpermi2ps
+// merged on one bit). The result, 1 + #{k : m >= thr[k]}, is the count of
+// SPEC section 1 (ties go up); non-finite magnitudes are flagged apart.
+template <int STEPS>
+struct Search {
+  static constexpr int S = 1 << STEPS;
+  __m512 tab[STEPS][4];
+  explicit Search(const float* thr, int n_thr) {
+    for (int st = 0; st < STEPS; ++st) {
+      const int s = S >> (st + 1);   // step size
+      const int E = S / (2 * s);     // table entries
+      alignas(64) float t[64];
+      for (int j = 0; j < 64; ++j) {
+        const int jj = E == 1 ? 0 : j;   // one entry: a broadcast
+        const int k = jj * 2 * s + s - 1;
+        t[j] = (jj < E && k < n_thr) ? thr[k] : __builtin_inff();
+      }
+      for (int r = 0; r < 4; ++r) tab[st][r] = _mm512_load_ps(t + 16 * r);
+    }
+  }
+  inline __m512i operator()(__m512 m) const {
+    __m512i pos = _mm512_setzero_si512();
+    for (int st = 0; st < STEPS; ++st) {
+      const int s = S >> (st + 1);
+      const int E = S / (2 * s);
+      __m512 probe;
+      if (E == 1) {
+        probe = tab[st][0];
+      } else {
+        const __m512i j = _mm512_srli_epi32(pos, STEPS - st);  // pos / (2s)
+        if (E <= 16) {
+          probe = _mm512_permutexvar_ps(j, tab[st][0]);
+        } else if (E == 32) {
+          probe = _mm512_permutex2var_ps(tab[st][0], j, tab[st][1]);
+        } else {
+          const __m512 lo = _mm512_permutex2var_ps(tab[st][0], j, tab[st][1]);
+          const __m512 hi = _mm512_permutex2var_ps(tab[st][2], j, tab[st][3]);
+          const __mmask16 b5 = _mm512_test_epi32_mask(j, _mm512_set1_epi32(32));
+          probe = _mm512_mask_blend_ps(b5, lo, hi);
+        }
+      }
+      const __mmask16 ge = _mm512_cmp_ps_mask(m, probe, _CMP_GE_OQ);
+      pos = _mm512_mask_add_epi32(pos, ge, pos, _mm512_set1_epi32(s));
+    }
+    return _mm512_add_epi32(pos, _mm512_set1_epi32(1));
+  }
+};
+
+template <int STEPS>
+bool encode_codes_t(const float* thr, int n_thr, const float* x, int64_t n, int8_t* out) {
+  const Search<STEPS> search(thr, n_thr);
+  const __m512i absmask = _mm512_set1_epi32(0x7FFFFFFF);
+  const __m512i inf = _mm512_set1_epi32(0x7F800000);
+  __mmask16 bad = 0;
+  int64_t i = 0;
+  for (; i < n; i += 16) {
+    const __mmask16 k = n - i >= 16 ? static_cast<__mmask16>(0xFFFF)
+                                    : static_cast<__mmask16>((1u << (n - i)) - 1);
+    const __m512i u = _mm512_maskz_loadu_epi32(k, x + i);
+    const __m512i mi = _mm512_and_si512(u, absmask);
+    bad |= _mm512_mask_cmpge_epu32_mask(k, mi, inf);   // Inf or NaN
+    const __mmask16 zero = _mm512_cmpeq_epi32_mask(mi, _mm512_setzero_si512());
+    const __mmask16 neg = _mm512_movepi32_mask(u);
+    __m512i c = search(_mm512_castsi512_ps(mi));
+    c = _mm512_mask_or_epi32(c, neg, c, _mm512_set1_epi32(0x80));
+    c = _mm512_maskz_mov_epi32(static_cast<__mmask16>(~zero), c);
+    _mm512_mask_cvtepi32_storeu_epi8(out + i, k, c);
+  }
+  return bad == 0;
+}
+
+template <int STEPS>
+bool encode_levels_t(const float* thr, int n_thr, const float* levels, const float* x,
+                     int64_t n, float* out) {
+  const Search<STEPS> search(thr, n_thr);
+  // levels by biased exponent, up to 128 entries in 8 registers
+  constexpr int L = 1 << (STEPS < 7 ? STEPS : 7);
+  alignas(64) float lv[128] = {};
+  for (int b = 1; b < L && b <= n_thr + 1; ++b) lv[b] = levels[b];
+  __m512 t[8];
+  for (int r = 0; r < 8; ++r) t[r] = _mm512_load_ps(lv + 16 * r);
+  const __m512i absmask = _mm512_set1_epi32(0x7FFFFFFF);
+  const __m512i inf = _mm512_set1_epi32(0x7F800000);
+  const __m512i sign = _mm512_set1_epi32(static_cast<int>(0x80000000u));
+  __mmask16 bad = 0;
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 k = n - i >= 16 ? static_cast<__mmask16>(0xFFFF)
+                                    : static_cast<__mmask16>((1u << (n - i)) - 1);
+    const __m512i u = _mm512_maskz_loadu_epi32(k, x + i);
+    const __m512i mi = _mm512_and_si512(u, absmask);
+    bad |= _mm512_mask_cmpge_epu32_mask(k, mi, inf);
+    const __mmask16 nz = _mm512_cmpneq_epi32_mask(mi, _mm512_setzero_si512());
+    const __m512i b = search(_mm512_castsi512_ps(mi));
+    __m512 v;
+    if (L <= 16) {
+      v = _mm512_permutexvar_ps(b, t[0]);
+    } else if (L == 32) {
+      v = _mm512_permutex2var_ps(t[0], b, t[1]);
+    } else {
+      const __m512 q0 = _mm512_permutex2var_ps(t[0], b, t[1]);
+      const __m512 q1 = _mm512_permutex2var_ps(t[2], b, t[3]);
+      v = _mm512_mask_blend_ps(_mm512_test_epi32_mask(b, _mm512_set1_epi32(32)), q0, q1);
+      if (L == 128) {
+        const __m512 q2 = _mm512_permutex2var_ps(t[4], b, t[5]);
+        const __m512 q3 = _mm512_permutex2var_ps(t[6], b, t[7]);
+        const __m512 w = _mm512_mask_blend_ps(_mm512_test_epi32_mask(b, _mm512_set1_epi32(32)),
+                                              q2, q3);
+        v = _mm512_mask_blend_ps(_mm512_test_epi32_mask(b, _mm512_set1_epi32(64)), v, w);
+      }
+    }
+    // -level for negative x (levels may be negative for beta < 0), 0 for x == 0
+    const __m512i r = _mm512_xor_si512(_mm512_castps_si512(v), _mm512_and_si512(u, sign));
+    _mm512_mask_storeu_ps(out + i, k, _mm512_maskz_mov_ps(nz, _mm512_castsi512_ps(r)));
+  }
+  return bad == 0;
+}
+
+inline int search_steps(int n_thr) {
+  int st = 1;
+  while ((1 << st) < n_thr + 1) ++st;
+  return st;
+}
+
+}  // namespace
+
+bool encode_codes_avx512(const float* thr, int n_thr, const float* x, int64_t n, int8_t* out) {
+  switch (search_steps(n_thr)) {
+    case 1: return encode_codes_t<1>(thr, n_thr, x, n, out);
+    case 2: return encode_codes_t<2>(thr, n_thr, x, n, out);
+    case 3: return encode_codes_t<3>(thr, n_thr, x, n, out);
+    case 4: return encode_codes_t<4>(thr, n_thr, x, n, out);
+    case 5: return encode_codes_t<5>(thr, n_thr, x, n, out);
+    case 6: return encode_codes_t<6>(thr, n_thr, x, n, out);
+    default: return encode_codes_t<7>(thr, n_thr, x, n, out);
+  }
+}
+
+bool encode_levels_avx512(const float* thr, int n_thr, const float* levels, const float* x,
+                          int64_t n, float* out) {
+  switch (search_steps(n_thr)) {
+    case 1: return encode_levels_t<1>(thr, n_thr, levels, x, n, out);
+    case 2: return encode_levels_t<2>(thr, n_thr, levels, x, n, out);
+    case 3: return encode_levels_t<3>(thr, n_thr, levels, x, n, out);
+    case 4: return encode_levels_t<4>(thr, n_thr, levels, x, n, out);
+    case 5: return encode_levels_t<5>(thr, n_thr, levels, x, n, out);
+    case 6: return encode_levels_t<6>(thr, n_thr, levels, x, n, out);
+    default: return encode_levels_t<7>(thr, n_thr, levels, x, n, out);
+  }
+}
+
+namespace {
+
+}  // namespace
+
+void gemv_avx512(const GemvArgs& a, int64_t n0, int64_t n1) {
+  if (a.kind == 2) return dispatch_m<Kind2>(a, n0, n1);
+  const int b = a.is_signed ? a.bits + 1 : a.bits;
+  if (b <= 4) return dispatch_m<Kind1<1, -1>>(a, n0, n1);
+  if (a.is_signed && b == 5) return dispatch_m<Kind1<1, 0>>(a, n0, n1);   // n = 4
+  if (!a.is_signed) return dispatch_m<Kind1<2, -1>>(a, n0, n1);          // n = 5
+  return dispatch_m<Kind1<2, 1>>(a, n0, n1);                              // n = 5 signed
+}
+
+}  // namespace fast
+}  // namespace cpu
+}  // namespace dnateq
+
+#else  // not x86-64: never called (the dispatcher checks the CPU first)
+#include "lut/fast_layout.h"
+namespace dnateq { namespace cpu { namespace fast {
+void gemv_avx512(const GemvArgs&, int64_t, int64_t) {}
+bool encode_codes_avx512(const float*, int, const float*, int64_t, int8_t*) { return false; }
+bool encode_levels_avx512(const float*, int, const float*, const float*, int64_t, float*) {
+  return false;
+}
+}}}
+#endif

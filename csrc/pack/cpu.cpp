@@ -1,0 +1,119 @@
+// exp_pack / exp_unpack on the CPU, and the packed-weight decoder used by
+// the LUT operators. Layout (SPEC section 1): d0 rows of K fields of b bits,
+// LSB-first into little-endian 32-bit words, each row 4-byte aligned.
+#include <ATen/Parallel.h>
+
+#include <atomic>
+
+#include "checks.h"
+#include "ops.h"
+#include "common/cpu_kernels.h"
+
+namespace dnateq {
+namespace cpu {
+namespace {
+
+// 32 fields of b bits fill exactly b words, so work splits on 32-element
+// groups without sharing a word.
+constexpr int64_t kGroup = 32;
+
+}  // namespace
+
+namespace detail {
+
+at::Tensor decode_packed_to_float(const at::Tensor& packed_in, int64_t rows,
+                                  int64_t K, const ExpTables& t,
+                                  bool is_signed) {
+  const at::Tensor packed = packed_in.contiguous();
+  float lut[256];
+  field_values(t, is_signed, lut);
+  const int b = packed_field_bits(t.bits, is_signed);
+  const int64_t rb = packed.size(1);
+  at::Tensor out = at::empty({rows, K}, packed.options().dtype(at::kFloat));
+  const uint8_t* src = packed.const_data_ptr<uint8_t>();
+  float* dst = out.data_ptr<float>();
+  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1)),
+                   [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) decode_row_float(src + r * rb, K, rb, b, lut, dst + r * K);
+  });
+  return out;
+}
+
+}  // namespace detail
+
+at::Tensor exp_pack(const at::Tensor& codes_in, int64_t bits, bool is_signed) {
+  check_codes(codes_in, "codes");
+  check_bits(bits);
+  const auto [rows, K] = packed_dims(codes_in.sizes());
+  const int b = packed_field_bits(static_cast<int>(bits), is_signed);
+  const int64_t rb = packed_row_bytes(K, static_cast<int>(bits), is_signed);
+  const at::Tensor codes = codes_in.contiguous();
+  at::Tensor out = at::zeros({rows, rb}, codes.options().dtype(at::kByte));
+  const uint8_t* src = reinterpret_cast<const uint8_t*>(codes.const_data_ptr<int8_t>());
+  uint8_t* dst = out.data_ptr<uint8_t>();
+  const int max_mag = num_levels(static_cast<int>(bits));
+  const int64_t groups = (K + kGroup - 1) / kGroup;
+  std::atomic<int> bad{0};  // 1: bits above n set; 2: sign in unsigned
+  at::parallel_for(0, rows * groups, 256, [&](int64_t g0, int64_t g1) {
+    int local = 0;
+    for (int64_t g = g0; g < g1; ++g) {
+      const int64_t r = g / groups, i0 = (g % groups) * kGroup;
+      const int64_t i1 = std::min(K, i0 + kGroup);
+      const uint8_t* c = src + r * K;
+      uint8_t* row = dst + r * rb + (i0 / kGroup) * 4 * b;
+      uint64_t acc = 0;
+      int nbits = 0;
+      for (int64_t i = i0; i < i1; ++i) {
+        const uint8_t code = c[i];
+        if ((code & kMagMask) > max_mag) local |= 1;
+        if (!is_signed && (code & kSignBit)) local |= 2;
+        acc |= static_cast<uint64_t>(code_to_field(code, static_cast<int>(bits),
+                                                   is_signed)) << nbits;
+        nbits += b;
+        if (nbits >= 32) {
+          const uint32_t w = static_cast<uint32_t>(acc);
+          std::memcpy(row, &w, 4);
+          row += 4;
+          acc >>= 32;
+          nbits -= 32;
+        }
+      }
+      if (nbits > 0) {  // last partial word of the row
+        const uint32_t w = static_cast<uint32_t>(acc);
+        std::memcpy(row, &w, 4);
+      }
+    }
+    if (local) bad |= local;
+  });
+  TORCH_CHECK(!(bad.load() & 1), "dnateq: codes has bits above bit ", bits - 1,
+              " set, which is not a valid code for bits=", bits);
+  TORCH_CHECK(!(bad.load() & 2),
+              "dnateq: codes has negative codes (sign bit set) but signed=False; "
+              "pack signed tensors with signed=True");
+  return out;
+}
+
+at::Tensor exp_unpack(const at::Tensor& packed_in, int64_t bits, bool is_signed,
+                      at::IntArrayRef shape) {
+  const auto [rows, K] = check_unpack_args(packed_in, bits, is_signed, shape);
+  const at::Tensor packed = packed_in.contiguous();
+  const int b = packed_field_bits(static_cast<int>(bits), is_signed);
+  int8_t lut[256];
+  for (uint32_t f = 0; f < (1u << b); ++f) {
+    lut[f] = static_cast<int8_t>(field_to_code(f, static_cast<int>(bits), is_signed));
+  }
+  at::Tensor out = at::empty(shape, packed.options().dtype(at::kChar));
+  const uint8_t* src = packed.const_data_ptr<uint8_t>();
+  int8_t* dst = out.data_ptr<int8_t>();
+  const int64_t rb = packed.size(1);
+  at::parallel_for(0, rows, std::max<int64_t>(1, 65536 / std::max<int64_t>(K, 1)),
+                   [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      detail::decode_row(src + r * rb, K, b, lut, dst + r * K);
+    }
+  });
+  return out;
+}
+
+}  // namespace cpu
+}  // namespace dnateq
