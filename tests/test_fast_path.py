@@ -12,7 +12,8 @@ import dnateq
 from dnateq import ops
 from dnateq import reference as ref
 
-from conftest import assert_close_rel, gen, linear_mag, make_data, random_codes, tensor_params
+from conftest import (assert_close_rel, conv_mag, gen, linear_mag, make_data, random_codes,
+                      tensor_params)
 
 ISAS = ("avx512", "avx2", "portable")
 
@@ -62,6 +63,15 @@ def test_layout_matches_reference_bytes(bits, signed):
         assert (magic, version, n, k, b) == (ref.LAYOUT_MAGIC, ops.LAYOUT_VERSION, N, K, bits)
 
 
+def _want_linear_path(isa, M):
+    """The kernels exp_linear_lut runs with a layout: AVX-512 GEMV up to 8 rows,
+    the same kernels on 8-row blocks up to 64 (avx512_gemm), then the decoded
+    native GEMM; AVX2/portable: packed-row GEMV up to 4 rows, then the GEMM."""
+    if isa == "avx512":
+        return "avx512" if M <= 8 else ("avx512_gemm" if M <= 64 else "gemm")
+    return isa if M <= 4 else "gemm"
+
+
 def _params(g, x, bits):
     w = make_data((4, 64), g, "student")
     alpha, sw, bw = tensor_params(w, bits)
@@ -75,7 +85,8 @@ def _params(g, x, bits):
 def test_linear_with_layout_matches_oracle(isa, bits, signed):
     g = gen(7 * bits + signed)
     for (M, K, N) in [(1, 1, 1), (1, 64, 9), (2, 100, 7), (3, 33, 13), (4, 257, 6),
-                      (5, 96, 5), (8, 130, 11), (7, 4100, 3), (9, 40, 4)]:
+                      (5, 96, 5), (8, 130, 11), (7, 4100, 3), (9, 40, 4), (13, 4100, 7),
+                      (20, 70, 37), (64, 96, 9), (65, 33, 5)]:
         x = make_data((M, K), g, zero_frac=0.2)
         p = _params(g, x, bits)
         if K % 2:   # negative offsets: some levels below zero (SPEC: any beta)
@@ -86,8 +97,7 @@ def test_linear_with_layout_matches_oracle(isa, bits, signed):
         got = dnateq.exp_linear_lut(x, packed, [N, K], *p, bits, True, signed, "nearest", bias,
                                     w_layout=layout)
         path = ops.last_lut_path()
-        want = ("gemm" if M > 8 else isa) if isa == "avx512" else (
-            isa if M <= 4 else "gemm")
+        want = _want_linear_path(isa, M)
         assert path == want, (M, isa, path)
         exp = ref.exp_linear_lut(x, packed, [N, K], *p, bits, True, signed, "nearest", bias)
         a_hat = ref.exp_dequantize(ref.exp_quantize(x, p[0], p[1], p[2], bits), p[0], p[1],
@@ -248,7 +258,8 @@ def test_linear_with_layout_per_channel(isa, bits):
     """Per-output-channel weight parameters (SPEC section 9): one level table
     per weight row, built in the kernel exactly as the per-tensor one."""
     g = gen(90 + bits)
-    for (M, K, N, signed) in [(1, 70, 9, True), (3, 129, 6, False), (8, 64, 5, True)]:
+    for (M, K, N, signed) in [(1, 70, 9, True), (3, 129, 6, False), (8, 64, 5, True),
+                              (19, 200, 11, False), (33, 64, 6, True)]:
         x = make_data((M, K), g, zero_frac=0.2)
         alpha, sa, ba, sw, bw = _params(g, x, bits)
         w_scale = (sw * torch.exp(torch.randn(N, generator=g) * 0.3)).float()
@@ -257,6 +268,129 @@ def test_linear_with_layout_per_channel(isa, bits):
         layout = dnateq.exp_lut_layout(packed, [N, K], bits, signed)
         args = (x, packed, [N, K], alpha, sa, ba, sw, bw, bits, True, signed, "nearest", None)
         got = dnateq.exp_linear_lut(*args, w_scale=w_scale, w_offset=w_offset, w_layout=layout)
-        assert ops.last_lut_path() == (isa if isa == "avx512" else (isa if M <= 4 else "gemm"))
+        assert ops.last_lut_path() == _want_linear_path(isa, M)
         exp = ref.exp_linear_lut(*args, w_scale=w_scale, w_offset=w_offset)
         torch.testing.assert_close(got, exp, rtol=1e-5, atol=1e-5 * float(exp.abs().max()))
+
+
+# ----------------------------------------------------------------- conv --
+def _want_conv_path(isa, batch, groups):
+    return "avx512_conv" if isa == "avx512" and batch <= 8 and groups == 1 else "gemm"
+
+
+CONV_CASES = [
+    # (B, C, H, W, O, kh, kw, stride, padding, dilation, groups)
+    (1, 3, 8, 8, 5, 3, 3, (1, 1), (1, 1), (1, 1), 1),
+    (2, 4, 9, 7, 6, 3, 3, (2, 2), (1, 1), (1, 1), 1),
+    (1, 16, 6, 6, 7, 1, 1, (1, 1), (0, 0), (1, 1), 1),
+    (3, 5, 10, 11, 4, 3, 2, (1, 2), (2, 0), (2, 1), 1),
+    (1, 8, 5, 5, 33, 5, 5, (1, 1), (2, 2), (1, 1), 1),
+    (1, 2, 4, 4, 3, 3, 3, (1, 1), (0, 0), (1, 1), 1),   # output 2x2
+    (9, 3, 5, 5, 4, 3, 3, (1, 1), (1, 1), (1, 1), 1),   # batch 9: decoded GEMM path
+    (1, 4, 6, 6, 4, 3, 3, (1, 1), (1, 1), (1, 1), 2),   # groups 2: decoded path
+]
+
+
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+@pytest.mark.parametrize("bits", range(2, 8))
+@pytest.mark.parametrize("signed", [True, False])
+def test_conv_with_layout_matches_oracle(isa, bits, signed):
+    g = gen(300 + 3 * bits + signed)
+    for i, (B, C, H, W, O, kh, kw, st, pad, dil, grp) in enumerate(CONV_CASES):
+        x = make_data((B, C, H, W), g, zero_frac=0.2, signed=bool(i % 2 == 0))
+        p = _params(g, x, bits)
+        if i % 3 == 1:   # negative offsets: some levels below zero
+            p = (p[0], p[1], -2.0 * p[1], p[3], -3.0 * p[3])
+        shape = [O, C // grp, kh, kw]
+        codes = random_codes(shape, bits, g, signed=signed, zero_frac=0.15)
+        packed = dnateq.exp_pack(codes, bits, signed)
+        Kc = shape[1] * kh * kw
+        layout = dnateq.exp_lut_layout(packed, shape, bits, signed)
+        bias = torch.randn(O, generator=g) if i % 2 else None
+        args = (x, packed, shape, *p, bits, True, signed, "nearest", bias, st, pad, dil, grp)
+        got = dnateq.exp_conv2d_lut(*args, w_layout=layout)
+        assert ops.last_lut_path() == _want_conv_path(isa, B, grp), (isa, i)
+        exp = ref.exp_conv2d_lut(*args)
+        a_hat = ref.exp_dequantize(ref.exp_quantize(x, p[0], p[1], p[2], bits), p[0], p[1],
+                                   p[2], bits)
+        w_hat = ref.exp_dequantize(codes, p[0], p[3], p[4], bits)
+        mag = conv_mag(a_hat, w_hat, bias, st, pad, dil, grp)
+        assert_close_rel(got, exp, mag, 1e-5, 1e-5, f"{isa} conv case {i}")
+        plain = dnateq.exp_conv2d_lut(*args)
+        assert_close_rel(got, plain, mag, 1e-5, 1e-5, f"{isa} conv case {i} no layout")
+        assert Kc > 0
+
+
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+def test_conv_with_layout_per_channel_half_noncontiguous(isa):
+    g = gen(77)
+    bits, signed = 4, True
+    B, C, H, W, O = 2, 6, 7, 9, 10
+    xfull = make_data((B, C, H, 2 * W), g, zero_frac=0.1)
+    x = xfull[..., ::2]                               # non-contiguous
+    p = _params(g, x, bits)
+    shape = [O, C, 3, 3]
+    codes = random_codes(shape, bits, g, signed=signed)
+    packed = dnateq.exp_pack(codes, bits, signed)
+    layout = dnateq.exp_lut_layout(packed, shape, bits, signed)
+    w_scale = (p[3] * torch.exp(torch.randn(O, generator=g) * 0.3)).float()
+    w_offset = (p[4] * torch.randn(O, generator=g)).float()
+    bias = torch.randn(O, generator=g)
+    args = (x, packed, shape, *p, bits, True, signed, "nearest", bias, (1, 1), (1, 1), (1, 1), 1)
+    got = dnateq.exp_conv2d_lut(*args, w_scale=w_scale, w_offset=w_offset, w_layout=layout)
+    assert ops.last_lut_path() == _want_conv_path(isa, B, 1)
+    exp = ref.exp_conv2d_lut(*args, w_scale=w_scale, w_offset=w_offset)
+    torch.testing.assert_close(got, exp, rtol=1e-5, atol=1e-5 * float(exp.abs().max()))
+    for dt in (torch.float16, torch.bfloat16):
+        hargs = (x.to(dt),) + args[1:]
+        got = dnateq.exp_conv2d_lut(*hargs, w_layout=layout)
+        assert got.dtype == dt and ops.last_lut_path() == _want_conv_path(isa, B, 1)
+        exp = ref.exp_conv2d_lut(*hargs)
+        torch.testing.assert_close(got.float(), exp.float(), rtol=1e-2,
+                                   atol=1e-2 * float(exp.float().abs().max()))
+    bad = x.clone()
+    bad[0, 1, 2, 3] = float("nan")
+    with pytest.raises(RuntimeError, match="non-finite"):
+        dnateq.exp_conv2d_lut(bad, *args[1:], w_layout=layout)
+    # a layout of another weight is an error on the conv path too
+    other = dnateq.exp_pack(random_codes(shape, bits, g, signed=signed), bits, signed)
+    with pytest.raises(RuntimeError, match="not built from this w_packed"):
+        dnateq.exp_conv2d_lut(x, other, *args[2:], w_layout=layout)
+    shape5 = [O, 5, 3, 3]
+    packed5 = dnateq.exp_pack(random_codes(shape5, bits, g, signed=signed), bits, signed)
+    with pytest.raises(RuntimeError, match="w_layout was built for"):
+        dnateq.exp_conv2d_lut(x[:, :5], packed5, shape5, *args[3:], w_layout=layout)
+
+
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+def test_quantized_resnet_block_on_the_fast_paths(isa):
+    """A ResNet-like model quantized by dnateq.quantize runs its convs and its
+    linear on the fast kernels at batch 1 and 4 and matches the fake mode."""
+    g = gen(78)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 16, 3, stride=2, padding=1), torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(16, 10)).eval()
+    calib = [torch.randn(4, 3, 12, 12, generator=g) for _ in range(2)]
+    q = dnateq.quantize(model, calib, bits=(4,), progress=False).eval()
+    convs = [m for m in q.modules() if isinstance(m, dnateq.nn.ExpConv2d)]
+    assert convs
+    seen = []
+    orig = ops.exp_conv2d_lut
+
+    for B in (1, 4):
+        x = torch.randn(B, 3, 12, 12, generator=g)
+        with torch.no_grad():
+            y = q(x)
+            seen.append(ops.last_lut_path())
+            for m in q.modules():
+                if isinstance(m, (dnateq.nn.ExpConv2d, dnateq.nn.ExpLinear)):
+                    m.mode = "fake"
+            y_fake = q(x)
+            for m in q.modules():
+                if isinstance(m, (dnateq.nn.ExpConv2d, dnateq.nn.ExpLinear)):
+                    m.mode = "lut"
+        torch.testing.assert_close(y, y_fake, rtol=1e-4, atol=1e-4 * float(y_fake.abs().max()))
+    assert orig is ops.exp_conv2d_lut
+    # the last quantized op of the model is the linear (M = batch rows)
+    assert seen == [_want_linear_path(isa, 1), _want_linear_path(isa, 4)]

@@ -229,10 +229,17 @@ at::Tensor exp_conv2d_lut(const at::Tensor& x, const at::Tensor& w_packed,
     if (A.bias.defined()) y.add_(A.bias.view({1, O, 1, 1}));
     return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
   }
-  const RowTables T(A.tw, w_signed, A.wc, alpha);
   if (w_layout.has_value() && w_layout->defined()) {
+    if (groups == 1 && x.size(0) <= kFastConvBatch && active_isa() == Isa::kAvx512) {
+      // fast_conv2d validates the layout against this weight.
+      at::Tensor y = fast_conv2d(x, *w_layout, w_packed, w_shape, A.ta, A.tw, alpha, A.wc.scale,
+                                 A.wc.offset, w_signed, A.bias, stride, padding, dilation);
+      note_lut_path(LutPath::kAvx512Conv);
+      return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+    }
     validate_layout(*w_layout, w_packed, O, K, bits, w_signed);
   }
+  const RowTables T(A.tw, w_signed, A.wc, alpha);
   note_lut_path(LutPath::kGemm);
   const at::Tensor xq = detail::fake_quantize_to_float(x, A.ta, "x");
   const at::Tensor wq = decode_weight(w_packed, O, K, T).reshape(w_shape);

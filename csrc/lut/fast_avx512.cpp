@@ -412,7 +412,68 @@ bool encode_levels_avx512(const float* thr, int n_thr, const float* levels, cons
 
 namespace {
 
+// Rows [n0, n1) of the layout decoded to float levels, Kp values per row
+// (padding fields decode to 0) at out + (n - n0) * ld: the same register
+// tables and lookups as the GEMV above, stored instead of multiplied.
+template <int NT, int SG>
+void decode_kind1(const GemvArgs& a, int64_t n0, int64_t n1, float* out, int64_t ld) {
+  using KT = Kind1<NT, SG>;
+  const int64_t G = a.Kp / 32;
+  for (int64_t n = n0; n < n1; ++n) {
+    __m512 t[NT];
+    KT::tables(a, n, t);
+    const uint8_t* base = a.data + n * a.row_bytes;
+    float* o = out + (n - n0) * ld;
+    for (int64_t g = 0; g < G; ++g) {
+      const uint8_t* p = base + g * KT::kGroupBytes;
+      const __m512i d0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+      const __m512i d1 = _mm512_srli_epi32(d0, 4);
+      uint32_t p4 = 0, ps = 0;
+      if constexpr (NT == 2) p4 = load_u32(p + 16);
+      if constexpr (SG >= 0) ps = load_u32(p + 16 + 4 * SG);
+      _mm512_storeu_ps(o + 32 * g, KT::lookup(d0, t, static_cast<__mmask16>(p4),
+                                             static_cast<__mmask16>(ps)));
+      _mm512_storeu_ps(o + 32 * g + 16, KT::lookup(d1, t, static_cast<__mmask16>(p4 >> 16),
+                                                  static_cast<__mmask16>(ps >> 16)));
+    }
+  }
+}
+
+void decode_kind2(const GemvArgs& a, int64_t n0, int64_t n1, float* out, int64_t ld) {
+  const __m512i sign = _mm512_set1_epi8(static_cast<char>(0x80));
+  const int64_t G = a.Kp / 64;
+  for (int64_t n = n0; n < n1; ++n) {
+    __m512i t[8];
+    Kind2::tables(a, n, t);
+    const uint8_t* base = a.data + n * a.row_bytes;
+    float* o = out + (n - n0) * ld;
+    for (int64_t g = 0; g < G; ++g) {
+      const __m512i idx = _mm512_loadu_si512(base + 64 * g);
+      const __m512i b0 = _mm512_permutex2var_epi8(t[0], idx, t[1]);
+      const __m512i b1 = _mm512_permutex2var_epi8(t[2], idx, t[3]);
+      const __m512i b2 = _mm512_permutex2var_epi8(t[4], idx, t[5]);
+      const __m512i b3 = _mm512_ternarylogic_epi32(_mm512_permutex2var_epi8(t[6], idx, t[7]),
+                                                   idx, sign, 0x78);
+      const __m512i lo01 = _mm512_unpacklo_epi8(b0, b1), hi01 = _mm512_unpackhi_epi8(b0, b1);
+      const __m512i lo23 = _mm512_unpacklo_epi8(b2, b3), hi23 = _mm512_unpackhi_epi8(b2, b3);
+      _mm512_storeu_si512(o + 64 * g, _mm512_unpacklo_epi16(lo01, lo23));
+      _mm512_storeu_si512(o + 64 * g + 16, _mm512_unpackhi_epi16(lo01, lo23));
+      _mm512_storeu_si512(o + 64 * g + 32, _mm512_unpacklo_epi16(hi01, hi23));
+      _mm512_storeu_si512(o + 64 * g + 48, _mm512_unpackhi_epi16(hi01, hi23));
+    }
+  }
+}
+
 }  // namespace
+
+void decode_rows_avx512(const GemvArgs& a, int64_t n0, int64_t n1, float* out, int64_t ld) {
+  if (a.kind == 2) return decode_kind2(a, n0, n1, out, ld);
+  const int b = a.is_signed ? a.bits + 1 : a.bits;
+  if (b <= 4) return decode_kind1<1, -1>(a, n0, n1, out, ld);
+  if (a.is_signed && b == 5) return decode_kind1<1, 0>(a, n0, n1, out, ld);
+  if (!a.is_signed) return decode_kind1<2, -1>(a, n0, n1, out, ld);
+  return decode_kind1<2, 1>(a, n0, n1, out, ld);
+}
 
 void gemv_avx512(const GemvArgs& a, int64_t n0, int64_t n1) {
   if (a.kind == 2) return dispatch_m<Kind2>(a, n0, n1);
@@ -431,6 +492,7 @@ void gemv_avx512(const GemvArgs& a, int64_t n0, int64_t n1) {
 #include "lut/fast_layout.h"
 namespace dnateq { namespace cpu { namespace fast {
 void gemv_avx512(const GemvArgs&, int64_t, int64_t) {}
+void decode_rows_avx512(const GemvArgs&, int64_t, int64_t, float*, int64_t) {}
 bool encode_codes_avx512(const float*, int, const float*, int64_t, int8_t*) { return false; }
 bool encode_levels_avx512(const float*, int, const float*, const float*, int64_t, float*) {
   return false;

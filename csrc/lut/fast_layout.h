@@ -64,6 +64,9 @@ inline int64_t layout_padded_k(int64_t K, int bits, bool is_signed) {
   return (K + g - 1) / g * g;
 }
 
+// Activation rows one GEMV kernel call takes.
+constexpr int64_t kGemvRows = 8;
+
 // One call of the kernel: rows [n0, n1) of y[m, n] = sum_k x[m, k] * w[n, k]
 // (+ bias[n]) for m < M <= 8.
 struct GemvArgs {
@@ -88,6 +91,11 @@ struct GemvArgs {
 
 // AVX-512 (F, BW, VL, DQ, VBMI) kernel; defined in fast_avx512.cpp.
 void gemv_avx512(const GemvArgs& a, int64_t n0, int64_t n1);
+
+// Rows [n0, n1) of the layout decoded to float32 levels (per-tensor or
+// per-channel tables as in GemvArgs; x/M/y unused): Kp values per row, the
+// padding fields 0, row n at out + (n - n0) * ld. Defined in fast_avx512.cpp.
+void decode_rows_avx512(const GemvArgs& a, int64_t n0, int64_t n1, float* out, int64_t ld);
 
 // AVX-512 quantizer of n floats against the n_thr (<= 126) sorted
 // thresholds: int8 codes, or signed levels (levels[b] by biased exponent b,

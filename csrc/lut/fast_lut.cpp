@@ -48,7 +48,8 @@ Isa parse_isa(const std::string& s, const char* what) {
 std::atomic<int> g_isa{-1};
 std::atomic<int> g_last_path{-1};
 
-const char* const kPathNames[] = {"portable", "avx2", "avx512", "gemm"};
+const char* const kPathNames[] = {"portable", "avx2", "avx512", "gemm", "avx512_gemm",
+                                   "avx512_conv"};
 
 }  // namespace
 
@@ -240,9 +241,34 @@ LayoutHeader check_layout(const at::Tensor& layout, const at::Tensor& w_packed, 
 
 }  // namespace
 
-void validate_layout(const at::Tensor& layout, const at::Tensor& w_packed, int64_t N,
-                     int64_t K, int64_t bits, bool w_signed) {
-  check_layout(layout, w_packed, N, K, bits, w_signed);
+fast::LayoutHeader validate_layout(const at::Tensor& layout, const at::Tensor& w_packed,
+                                  int64_t N, int64_t K, int64_t bits, bool w_signed) {
+  return check_layout(layout, w_packed, N, K, bits, w_signed);
+}
+
+void fill_weight_args(fast::GemvArgs& a, const LayoutHeader& h, const at::Tensor& layout,
+                      int64_t K, const ExpTables& tw, double alpha, const at::Tensor& w_scale,
+                      const at::Tensor& w_offset, bool w_signed, WeightTables& wt) {
+  const int nb = tw.bits;
+  a.data = layout.const_data_ptr<uint8_t>() + fast::kHeaderBytes;
+  a.K = K;
+  a.Kp = fast::layout_padded_k(K, nb, w_signed);
+  a.row_bytes = h.row_bytes;
+  a.bits = nb;
+  a.is_signed = w_signed;
+  a.kind = static_cast<int>(h.kind);
+  if (w_scale.defined()) {
+    wt.pw[0] = 0.0;
+    for (int e = 1; e <= num_levels(nb); ++e) {
+      wt.pw[e] = std::pow(alpha, static_cast<double>(e - exp_bias(nb)));
+    }
+    a.scale = w_scale.const_data_ptr<float>();
+    a.offset = w_offset.const_data_ptr<float>();
+    a.pw = wt.pw;
+  } else {
+    for (int e = 0; e <= num_levels(nb); ++e) wt.levels[e] = tw.levels[e];
+    a.levels = wt.levels;
+  }
 }
 
 at::Tensor fast_linear(const at::Tensor& x, const at::Tensor& layout,
@@ -271,38 +297,24 @@ at::Tensor fast_linear(const at::Tensor& x, const at::Tensor& layout,
     }
     TORCH_CHECK(ok, "dnateq: x contains non-finite values (NaN or Inf)");
   }
-  alignas(64) float levels[128] = {};
-  double pw[128] = {};
+  WeightTables wt;
   fast::GemvArgs a{};
-  a.data = layout.const_data_ptr<uint8_t>() + fast::kHeaderBytes;
-  a.K = K;
-  a.Kp = Kp;
-  a.row_bytes = h.row_bytes;
-  a.bits = nb;
-  a.is_signed = w_signed;
-  a.kind = static_cast<int>(h.kind);
+  fill_weight_args(a, h, layout, K, tw, alpha, w_scale, w_offset, w_signed, wt);
   a.x = xq.data();
-  a.M = static_cast<int>(M);
-  if (w_scale.defined()) {
-    pw[0] = 0.0;
-    for (int e = 1; e <= num_levels(nb); ++e) {
-      pw[e] = std::pow(alpha, static_cast<double>(e - exp_bias(nb)));
-    }
-    a.scale = w_scale.const_data_ptr<float>();
-    a.offset = w_offset.const_data_ptr<float>();
-    a.pw = pw;
-  } else {
-    for (int e = 0; e <= num_levels(nb); ++e) levels[e] = tw.levels[e];
-    a.levels = levels;
-  }
   a.bias = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
   at::Tensor out = at::empty({M, N}, x.options().dtype(at::kFloat));
   a.y = out.data_ptr<float>();
   a.ldy = N;
-  // Output blocks of 64 rows (a multiple of every kernel's row block).
-  const int64_t grain = std::max<int64_t>(64, (N / (4 * at::get_num_threads())) / 64 * 64);
-  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) { fast::gemv_avx512(a, n0, n1); });
-  note_lut_path(LutPath::kAvx512);
+  if (M <= fast::kGemvRows) {
+    a.M = static_cast<int>(M);
+    // Output blocks of 64 rows (a multiple of every kernel's row block).
+    const int64_t grain = std::max<int64_t>(64, (N / (4 * at::get_num_threads())) / 64 * 64);
+    at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) { fast::gemv_avx512(a, n0, n1); });
+    note_lut_path(LutPath::kAvx512);
+  } else {
+    gemm_rows_avx512(a, M, N);   // fast_gemm.cpp
+    note_lut_path(LutPath::kAvx512Gemm);
+  }
   return out;
 }
 

@@ -8,6 +8,7 @@
 #include <string>
 
 #include "format.h"
+#include "lut/fast_layout.h"
 
 namespace dnateq {
 namespace cpu {
@@ -27,20 +28,51 @@ std::string cpu_isa(c10::string_view request);
 
 // Which path the last CPU LUT linear/conv call took (dnateq::_lut_path), so
 // tests can name the kernels they checked.
-enum class LutPath : int { kPortable = 0, kAvx2 = 1, kAvx512 = 2, kGemm = 3 };
+// kAvx512Gemm: the layout kernels on blocks of 8 rows (fast_gemm.cpp);
+// kAvx512Conv: quantize + im2col + layout decode + GEMM (fast_conv.cpp).
+enum class LutPath : int {
+  kPortable = 0, kAvx2 = 1, kAvx512 = 2, kGemm = 3, kAvx512Gemm = 4, kAvx512Conv = 5
+};
 void note_lut_path(LutPath p);
 std::string lut_path();
 
-// Activation rows up to which exp_linear_lut uses the layout's GEMV kernels.
-constexpr int64_t kFastMaxRows = 8;
+// Activation rows up to which exp_linear_lut uses the layout's kernels: the
+// GEMV kernels directly up to fast::kGemvRows, in blocks of them above
+// (gemm_rows_avx512); more rows go to the decoded-panel native GEMM.
+constexpr int64_t kFastMaxRows = 64;
 
 // dnateq::exp_lut_layout: the offline layout of a packed weight (fast_layout.h).
 at::Tensor exp_lut_layout(const at::Tensor& w_packed, at::IntArrayRef w_shape, int64_t bits,
                           bool w_signed);
 // Throws a clear error unless `layout` is a current-version layout of this
 // weight (shape, bits, sign, and built from these packed bytes).
-void validate_layout(const at::Tensor& layout, const at::Tensor& w_packed, int64_t N,
-                     int64_t K, int64_t bits, bool w_signed);
+// Returns its header.
+fast::LayoutHeader validate_layout(const at::Tensor& layout, const at::Tensor& w_packed,
+                                  int64_t N, int64_t K, int64_t bits, bool w_signed);
+
+// Storage for the weight level tables a GemvArgs points to.
+struct WeightTables {
+  alignas(64) float levels[128] = {};
+  double pw[128] = {};
+};
+// Fills the weight side of `a` (data, K, Kp, row_bytes, bits, sign, kind and
+// the per-tensor levels or per-channel scale/offset/powers, kept in `wt`)
+// from a validated layout.
+void fill_weight_args(fast::GemvArgs& a, const fast::LayoutHeader& h, const at::Tensor& layout,
+                      int64_t K, const ExpTables& tw, double alpha, const at::Tensor& w_scale,
+                      const at::Tensor& w_offset, bool w_signed, WeightTables& wt);
+// y[M, N] of the layout kernels for M > fast::kGemvRows: blocks of 8 activation
+// rows against L2-sized blocks of weight rows, at::parallel_for over the
+// weight rows (fast_gemm.cpp). `a` is filled except for M.
+void gemm_rows_avx512(const fast::GemvArgs& a, int64_t M, int64_t N);
+// exp_conv2d_lut on the layout (fast_conv.cpp): batch <= kFastConvBatch,
+// groups == 1, AVX-512. Arguments checked by the caller, layout validated here.
+constexpr int64_t kFastConvBatch = 8;
+at::Tensor fast_conv2d(const at::Tensor& x, const at::Tensor& layout, const at::Tensor& w_packed,
+                       at::IntArrayRef w_shape, const ExpTables& ta, const ExpTables& tw,
+                       double alpha, const at::Tensor& w_scale, const at::Tensor& w_offset,
+                       bool w_signed, const at::Tensor& bias, at::IntArrayRef stride,
+                       at::IntArrayRef padding, at::IntArrayRef dilation);
 // y [M, N] (float32) = fake_quantize(x) @ levels(w)^T + bias, M <= 8 rows of x
 // (x: [.., K] float/half/bf16), on the AVX-512 kernels. Per-channel weight
 // parameters when w_scale/w_offset (float32 [N], contiguous) are defined.
