@@ -215,6 +215,73 @@ def bench_gemv(rows, quick):
     torch.set_num_threads(threads0)
 
 
+def bench_layout_rows(rows, quick, bits=4):
+    """M > 8 with the layout (avx512_gemm: the register-table kernels on 8-row
+    blocks) against fp32 F.linear and against the decoded-panel path (no
+    layout), at 1 and 2 threads; MiniLM's shapes (seq 14) among them."""
+    shapes = [(14, 384, 1536), (14, 1536, 384), (16, 1024, 1024), (64, 1024, 1024),
+              (64, 4096, 4096)]
+    if quick:
+        shapes = shapes[:3]
+    threads0 = torch.get_num_threads()
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        for M, K, N in shapes:
+            x = torch.randn(M, K)
+            w = torch.randn(N, K) / K ** 0.5
+            a, sa, ba = fitted(x, bits)
+            _, sw, bw = fitted(w, bits, alpha=a)
+            wp = dnateq.exp_pack(dnateq.exp_quantize(w, a, sw, bw, bits), bits, True)
+            lay = dnateq.exp_lut_layout(wp, [N, K], bits, True)
+            args = (x, wp, [N, K], a, sa, ba, sw, bw, bits, True, True, "nearest", None)
+            fns = {"fp32": lambda: F.linear(x, w),
+                   "layout": lambda: dnateq.exp_linear_lut(*args, w_layout=lay),
+                   "no layout": lambda: dnateq.exp_linear_lut(*args)}
+            fns["layout"]()
+            path = dnateq.ops.last_lut_path()
+            res = timeit_many(fns, "fp32", repeat=5 if quick else 7)
+            for k in ("layout", "no layout"):
+                t, speed = res[k]
+                rows.append(dict(op=f"exp_linear_lut {k}" + (f" [{path}]" if k == "layout" else ""),
+                                 shape=f"M={M} K={K} N={N} t={threads}", bits=bits, ms=t * 1e3,
+                                 peer="F.linear fp32", peer_ms=res["fp32"][0] * 1e3,
+                                 ratio=1.0 / speed, target="<= 1.3" if M >= 64 else "-",
+                                 ok=(1.0 / speed <= 1.3) if M >= 64 else None))
+    torch.set_num_threads(threads0)
+
+
+def bench_conv_small(rows, quick, bits=4):
+    """Batch 1 and 8 convs of ResNet-20's three stages with the layout
+    (avx512_conv) against fp32 F.conv2d and the decoded path, 1 and 2 threads."""
+    threads0 = torch.get_num_threads()
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        for B in (1, 8):
+            for C, H in ((16, 32), (32, 16), (64, 8)):
+                x = torch.relu(torch.randn(B, C, H, H))
+                w = torch.randn(C, C, 3, 3) / (3 * C ** 0.5)
+                b = torch.randn(C) * 0.1
+                a, sa, ba = fitted(x, bits)
+                _, sw, bw = fitted(w, bits, alpha=a)
+                wp = dnateq.exp_pack(dnateq.exp_quantize(w, a, sw, bw, bits), bits, True)
+                lay = dnateq.exp_lut_layout(wp, list(w.shape), bits, True)
+                args = (x, wp, list(w.shape), a, sa, ba, sw, bw, bits, False, True, "nearest", b)
+                fns = {"fp32": lambda: F.conv2d(x, w, b, padding=1),
+                       "layout": lambda: dnateq.exp_conv2d_lut(*args, padding=1, w_layout=lay),
+                       "no layout": lambda: dnateq.exp_conv2d_lut(*args, padding=1)}
+                fns["layout"]()
+                path = dnateq.ops.last_lut_path()
+                res = timeit_many(fns, "fp32", repeat=5 if quick else 7)
+                for k in ("layout", "no layout"):
+                    t, speed = res[k]
+                    rows.append(dict(op=f"exp_conv2d_lut {k}" + (f" [{path}]" if k == "layout" else ""),
+                                     shape=f"N={B} {C}x{H}x{H} k3 -> {C} t={threads}", bits=bits,
+                                     ms=t * 1e3, peer="F.conv2d fp32",
+                                     peer_ms=res["fp32"][0] * 1e3, ratio=1.0 / speed,
+                                     target="-", ok=None))
+    torch.set_num_threads(threads0)
+
+
 def bench_conv(rows, quick, bits=4):
     # A ResNet-50 3x3 conv (stage 3: 256 -> 256 channels at 14x14), batch 64.
     B = 8 if quick else 64
@@ -287,7 +354,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="small shapes (smoke run)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--only", nargs="*", default=None,
-                    help="run only these benches (quantize gemv linear conv count error)")
+                    help="run only these benches (quantize gemv linear layout_rows conv conv_small count error)")
     ap.add_argument("--json", default=os.path.join(os.path.dirname(__file__), "results",
                                                    "cpu_ops.local.json"))
     args = ap.parse_args()
@@ -295,7 +362,8 @@ def main():
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     rows = []
-    benches = (bench_quantize, bench_gemv, bench_linear, bench_conv, bench_count, bench_error)
+    benches = (bench_quantize, bench_gemv, bench_linear, bench_layout_rows, bench_conv,
+               bench_conv_small, bench_count, bench_error)
     if args.only:
         benches = [b for b in benches if b.__name__ in {"bench_" + o for o in args.only}]
     for bench in benches:

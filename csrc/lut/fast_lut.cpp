@@ -287,7 +287,12 @@ at::Tensor fast_linear(const at::Tensor& x, const at::Tensor& layout,
     const at::Tensor xc = x.contiguous();
     float tmp[detail::kBlock];
     bool ok = true;
-    for (int64_t m = 0; m < M; ++m) {
+    for (int64_t m = 0; m < M && xc.scalar_type() == at::kFloat; ++m) {
+      // float32: one quantizer call per row (it builds its tables per call)
+      ok &= fast::encode_levels_avx512(ta.thresholds, ta.n_thr, ta.levels,
+                                       xc.const_data_ptr<float>() + m * K, K, xq.data() + m * Kp);
+    }
+    for (int64_t m = 0; m < M && xc.scalar_type() != at::kFloat; ++m) {
       for (int64_t k0 = 0; k0 < K; k0 += detail::kBlock) {
         const int64_t len = std::min<int64_t>(detail::kBlock, K - k0);
         detail::load_as_float(xc, m * K + k0, len, tmp);
