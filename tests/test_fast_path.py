@@ -63,12 +63,13 @@ def test_layout_matches_reference_bytes(bits, signed):
         assert (magic, version, n, k, b) == (ref.LAYOUT_MAGIC, ops.LAYOUT_VERSION, N, K, bits)
 
 
-def _want_linear_path(isa, M):
+def _want_linear_path(isa, M, K=0):
     """The kernels exp_linear_lut runs with a layout: AVX-512 GEMV up to 8 rows,
-    the same kernels on 8-row blocks up to 64 (avx512_gemm), then the decoded
-    native GEMM; AVX2/portable: packed-row GEMV up to 4 rows, then the GEMM."""
+    the same kernels on 8-row blocks up to 32 rows of K <= 2048 (avx512_gemm),
+    else the decoded native GEMM; AVX2/portable: packed-row GEMV up to 4 rows,
+    then the GEMM."""
     if isa == "avx512":
-        return "avx512" if M <= 8 else ("avx512_gemm" if M <= 64 else "gemm")
+        return "avx512" if M <= 8 else ("avx512_gemm" if M <= 32 and K <= 2048 else "gemm")
     return isa if M <= 4 else "gemm"
 
 
@@ -86,7 +87,7 @@ def test_linear_with_layout_matches_oracle(isa, bits, signed):
     g = gen(7 * bits + signed)
     for (M, K, N) in [(1, 1, 1), (1, 64, 9), (2, 100, 7), (3, 33, 13), (4, 257, 6),
                       (5, 96, 5), (8, 130, 11), (7, 4100, 3), (9, 40, 4), (13, 4100, 7),
-                      (20, 70, 37), (64, 96, 9), (65, 33, 5)]:
+                      (20, 70, 37), (32, 2048, 3), (33, 96, 9), (64, 96, 9), (65, 33, 5)]:
         x = make_data((M, K), g, zero_frac=0.2)
         p = _params(g, x, bits)
         if K % 2:   # negative offsets: some levels below zero (SPEC: any beta)
@@ -97,7 +98,7 @@ def test_linear_with_layout_matches_oracle(isa, bits, signed):
         got = dnateq.exp_linear_lut(x, packed, [N, K], *p, bits, True, signed, "nearest", bias,
                                     w_layout=layout)
         path = ops.last_lut_path()
-        want = _want_linear_path(isa, M)
+        want = _want_linear_path(isa, M, K)
         assert path == want, (M, isa, path)
         exp = ref.exp_linear_lut(x, packed, [N, K], *p, bits, True, signed, "nearest", bias)
         a_hat = ref.exp_dequantize(ref.exp_quantize(x, p[0], p[1], p[2], bits), p[0], p[1],
@@ -268,7 +269,7 @@ def test_linear_with_layout_per_channel(isa, bits):
         layout = dnateq.exp_lut_layout(packed, [N, K], bits, signed)
         args = (x, packed, [N, K], alpha, sa, ba, sw, bw, bits, True, signed, "nearest", None)
         got = dnateq.exp_linear_lut(*args, w_scale=w_scale, w_offset=w_offset, w_layout=layout)
-        assert ops.last_lut_path() == _want_linear_path(isa, M)
+        assert ops.last_lut_path() == _want_linear_path(isa, M, K)
         exp = ref.exp_linear_lut(*args, w_scale=w_scale, w_offset=w_offset)
         torch.testing.assert_close(got, exp, rtol=1e-5, atol=1e-5 * float(exp.abs().max()))
 

@@ -175,7 +175,8 @@ at::Tensor exp_linear_lut(const at::Tensor& x, const at::Tensor& w_packed,
   }
   const bool has_layout = w_layout.has_value() && w_layout->defined();
   if (has_layout) {
-    if (M >= 1 && M <= kFastMaxRows && active_isa() == Isa::kAvx512) {
+    if (M >= 1 && M <= kFastMaxRows && (M <= fast::kGemvRows || K <= kFastGemmMaxK) &&
+        active_isa() == Isa::kAvx512) {
       // fast_linear validates the layout against this weight.
       at::Tensor y = fast_linear(x, *w_layout, w_packed, N, K, A.ta, A.tw, alpha,
                                  A.wc.scale, A.wc.offset, w_signed, A.bias)
