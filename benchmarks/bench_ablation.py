@@ -20,11 +20,14 @@ Configurations (``--configs``, comma-separated):
   (``method="sensitivity", passes=[]``);
 - ``default``: ``dnateq.quantize``'s default (the combination that measured
   best, see ``dnateq.calibration.DEFAULT_PASSES``);
-- ``all``: every mechanism with the sensitivity allocation.
+- ``all``: every mechanism with the sensitivity allocation;
+- ``budget5``: the default at ``bits_budget=5.0`` (the sensitivity path's
+  point at 5.0 average bits, no ``max_loss`` search): the fidelity at the
+  target's bit budget.
 
 Models:
 
-- ``resnet20``: the pretrained CIFAR ResNet-20 of ../shared/data
+- ``resnet20``, ``resnet32``: the pretrained CIFAR ResNet-20 / ResNet-32 of ../shared/data
   (``dnateq.models.pretrained_cifar_resnet(20)``), calibrated on the
   761-image training subset, top-1 on the 761 test images;
 - ``minilm``: the real sentence-embedding Transformer of the PyPI package
@@ -67,6 +70,7 @@ CONFIGS: Dict[str, Dict[str, Any]] = {
     "sensitivity": dict(method="sensitivity", passes=[]),
     "default": dict(),
     "all": dict(method="sensitivity", passes=list(MECHS)),
+    "budget5": dict(bits_budget=5.0),
 }
 
 
@@ -74,10 +78,10 @@ CONFIGS: Dict[str, Dict[str, Any]] = {
 # ResNet-20 on CIFAR-10
 # ---------------------------------------------------------------------------
 
-def resnet20_task(args):
+def resnet_task(args, depth=20):
     from dnateq.eval import cifar10_dataset
     from dnateq.models import pretrained_cifar_resnet
-    model = pretrained_cifar_resnet(20).eval()
+    model = pretrained_cifar_resnet(depth).eval()
     xt, yt = cifar10_dataset("test", limit=args.test_images).tensors
     xc = cifar10_dataset("train").tensors[0]
 
@@ -86,7 +90,7 @@ def resnet20_task(args):
             return 100.0 * float((m(xt).argmax(1) == yt).float().mean())
 
     loader = [(xc[i:i + 192], None) for i in range(0, xc.shape[0], 192)]
-    return dict(model=model, loader=loader, metric=top1, extra={}, name="cifar-resnet20",
+    return dict(model=model, loader=loader, metric=top1, extra={}, name=f"cifar-resnet{depth}",
                 metric_name=f"top-1 % ({xt.shape[0]} CIFAR-10 test images)",
                 qkw=dict(calib_batches=2, sample_size=1 << 16))
 
@@ -175,12 +179,25 @@ def minilm_task(args):
 
     texts = sorted([t for p in cal for t in p], key=len)    # little padding per batch
     loader = enc(texts)
+    # ... but batches in a fixed shuffled order: the traced and the
+    # sensitivity batches are not just the shortest texts
+    perm = torch.randperm(len(loader), generator=torch.Generator().manual_seed(0)).tolist()
+    loader = [loader[i] for i in perm]
     return dict(model=model, loader=loader, metric=top1, extra=dict(cosine=cosine),
                 name="minilm-l6", qkw=dict(calib_batches=4, sample_size=1 << 16),
                 metric_name=f"retrieval top-1 % ({len(ev)} docstring pairs, {L} tokens)")
 
 
-TASKS: Dict[str, Callable] = {"resnet20": resnet20_task, "minilm": minilm_task}
+def resnet20_task(args):
+    return resnet_task(args, 20)
+
+
+def resnet32_task(args):
+    return resnet_task(args, 32)
+
+
+TASKS: Dict[str, Callable] = {"resnet20": resnet20_task, "resnet32": resnet32_task,
+                              "minilm": minilm_task}
 
 
 # ---------------------------------------------------------------------------
@@ -224,6 +241,9 @@ def main(argv=None) -> int:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=os.path.join(HERE, "results", "ablation.local.json"))
+    ap.add_argument("--plot", default=None,
+                    help="also write a PNG: metric loss against average bits per config "
+                         "and model (needs matplotlib)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     configs = [c for c in args.configs.split(",") if c]
@@ -256,7 +276,39 @@ def main(argv=None) -> int:
         json.dump(dict(args=vars(args), results=results,
                        note="shared 2-core machine: seconds are indicative"), f, indent=1)
     print(f"\nwrote {args.json}")
+    if args.plot:
+        plot(results, args.plot)
     return 0
+
+
+def plot(results: List[Dict[str, Any]], path: str) -> None:
+    """Loss against float (metric points) over average bits, one marker per
+    configuration, one panel per model; the uniform baseline at the same
+    storage bits as crosses."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("--plot: matplotlib is not installed; no plot written")
+        return
+    models = list(dict.fromkeys(r["model"] for r in results))
+    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False)
+    for ax, mname in zip(axes[0], models):
+        rows = [r for r in results if r["model"] == mname]
+        for r in rows:
+            ax.scatter(r["avg_bits"], r["loss"], label=r["config"])
+            ax.annotate(r["config"], (r["avg_bits"], r["loss"]), fontsize=7)
+            ax.scatter(r["storage_bits"], r["float"] - r["uniform_storage"], marker="x",
+                       color="grey")
+        ax.axhline(1.0, ls="--", lw=0.8, color="k")
+        ax.set_title(f"{mname} (x: uniform at DNA-TEQ's storage bits)")
+        ax.set_xlabel("average bits (n; storage = n + 1 for the x marks)")
+        ax.set_ylabel("loss against float (points)")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=100)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -55,7 +55,7 @@ STAGES = (BEFORE_FIT, AFTER_FIT, AFTER_BUILD)
 #: (benchmarks/bench_ablation.py).
 DEFAULT_PASSES: Dict[str, Tuple[str, ...]] = {
     "paper": (),
-    "sensitivity": ("per_channel", "clip", "bias_correction"),
+    "sensitivity": ("smoothing", "per_channel", "clip", "bias_correction"),
 }
 
 

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 
 __all__ = ["relative_error", "measure_sensitivity", "monotone", "greedy_path", "avg_bits",
-           "at_budget", "predicted_loss", "search_path"]
+           "at_budget", "predicted_loss", "search_path", "sens_inputs"]
 
 
 def _get_parent(root: nn.Module, name: str):
@@ -184,7 +184,7 @@ def search_path(path: Sequence[Mapping[str, int]], evaluate: Callable[[Mapping[s
 # the allocation strategy of dnateq.quantize(method="sensitivity")
 # ---------------------------------------------------------------------------
 
-#: At most this many samples of the first calibration input measure the
+#: At most this many samples of the first calibration inputs measure the
 #: sensitivities (L x |bits| forward passes).
 SENS_SAMPLES = 32
 
@@ -201,6 +201,33 @@ def head(x: Any, k: int) -> Any:
     return x
 
 
+def n_samples(x: Any) -> int:
+    """The leading (batch) size of a model input: of a tensor, or of the first
+    tensor in a dict/tuple; 1 when there is none."""
+    if isinstance(x, torch.Tensor):
+        return int(x.shape[0]) if x.dim() > 0 else 1
+    vals = x.values() if isinstance(x, dict) else x if isinstance(x, (tuple, list)) else ()
+    for v in vals:
+        if isinstance(v, torch.Tensor) and v.dim() > 0:
+            return int(v.shape[0])
+    return 1
+
+
+def sens_inputs(inputs: Sequence[Any], k: int) -> List[Any]:
+    """The first ``k`` samples of the calibration inputs, taken from as many
+    inputs as needed (small batches, e.g. 16 sentences, do not cut the
+    measurement to one batch)."""
+    out: List[Any] = []
+    left = int(k)
+    for x in inputs:
+        if left <= 0:
+            break
+        m = n_samples(x)
+        out.append(head(x, left))
+        left -= min(m, left)
+    return out
+
+
 def sensitivity_strategy(search, config):
     """``method="sensitivity"``: measure every layer at every ``n`` on the first
     calibration input, build the greedy path, then take the point at
@@ -210,8 +237,8 @@ def sensitivity_strategy(search, config):
     import warnings
     from .allocate import Allocation
     from .select import disable_fast_paths
-    inputs = [head(x, SENS_SAMPLES) for x in
-              list(getattr(search, "calib_inputs", None) or search.quality.inputs)[:1]]
+    inputs = sens_inputs(list(getattr(search, "calib_inputs", None) or search.quality.inputs),
+                         SENS_SAMPLES)
     if not inputs:
         raise RuntimeError("dnateq.quantize: method='sensitivity' needs a calibration input")
     from .call import select_valid
