@@ -463,3 +463,16 @@ def test_the_default_is_the_sensitivity_method_with_the_default_passes():
     assert all(set(info["layer_passes"][n]) >= set(info["passes"]) - {"smoothing"}
                for n in qlayers(q))
     modes_agree(q, small_batches(1, seed=14)[0])
+
+
+def test_sensitivity_inputs_span_small_batches():
+    """The sensitivity measurement takes its samples from as many calibration
+    inputs as needed (token batches of a few sentences), in order."""
+    from dnateq.calibration.sensitivity import sens_inputs
+    batches = [dict(input_ids=torch.full((5, 3), i), attention_mask=torch.ones(5, 3))
+               for i in range(4)]
+    got = sens_inputs(batches, 12)
+    assert [b["input_ids"].shape[0] for b in got] == [5, 5, 2]
+    assert [int(b["input_ids"][0, 0]) for b in got] == [0, 1, 2]
+    assert [t.shape[0] for t in sens_inputs([torch.zeros(40, 2)], 32)] == [32]
+    assert sens_inputs([torch.zeros(4, 2)], 0) == []
