@@ -165,6 +165,25 @@ struct Kind2 {
     }
   }
 
+  // The 64 float levels of one 64-byte index group, in input order: one byte
+  // plane per permute, the top byte's bit 7 flipped by the index's (the sign;
+  // levels may be negative for beta < 0), then the bytes interleaved into
+  // floats. Shared by the GEMV below and decode_kind2.
+  static inline void group(const __m512i* t, const uint8_t* p, __m512i sign, __m512* w) {
+    const __m512i idx = _mm512_loadu_si512(p);
+    const __m512i b0 = _mm512_permutex2var_epi8(t[0], idx, t[1]);
+    const __m512i b1 = _mm512_permutex2var_epi8(t[2], idx, t[3]);
+    const __m512i b2 = _mm512_permutex2var_epi8(t[4], idx, t[5]);
+    const __m512i b3 = _mm512_ternarylogic_epi32(_mm512_permutex2var_epi8(t[6], idx, t[7]),
+                                                 idx, sign, 0x78);
+    const __m512i lo01 = _mm512_unpacklo_epi8(b0, b1), hi01 = _mm512_unpackhi_epi8(b0, b1);
+    const __m512i lo23 = _mm512_unpacklo_epi8(b2, b3), hi23 = _mm512_unpackhi_epi8(b2, b3);
+    w[0] = _mm512_castsi512_ps(_mm512_unpacklo_epi16(lo01, lo23));
+    w[1] = _mm512_castsi512_ps(_mm512_unpackhi_epi16(lo01, lo23));
+    w[2] = _mm512_castsi512_ps(_mm512_unpacklo_epi16(hi01, hi23));
+    w[3] = _mm512_castsi512_ps(_mm512_unpackhi_epi16(hi01, hi23));
+  }
+
   template <int M, int R>
   static void rows(const GemvArgs& a, int64_t n, double* out) {
     static_assert(R == 1, "kind 2 decodes one row at a time");
@@ -182,19 +201,9 @@ struct Kind2 {
       for (int m = 0; m < M; ++m)
         for (int j = 0; j < NA; ++j) acc[m][j] = _mm512_setzero_ps();
       for (int64_t g = g0; g < g1; ++g) {
-        const __m512i idx = _mm512_loadu_si512(base + 64 * g);
-        const __m512i b0 = _mm512_permutex2var_epi8(t[0], idx, t[1]);
-        const __m512i b1 = _mm512_permutex2var_epi8(t[2], idx, t[3]);
-        const __m512i b2 = _mm512_permutex2var_epi8(t[4], idx, t[5]);
-        // top byte ^ (idx & 0x80): the sign (levels may be negative for beta < 0)
-        const __m512i b3 = _mm512_ternarylogic_epi32(_mm512_permutex2var_epi8(t[6], idx, t[7]),
-                                                     idx, sign, 0x78);
-        const __m512i lo01 = _mm512_unpacklo_epi8(b0, b1), hi01 = _mm512_unpackhi_epi8(b0, b1);
-        const __m512i lo23 = _mm512_unpacklo_epi8(b2, b3), hi23 = _mm512_unpackhi_epi8(b2, b3);
-        const __m512 w0 = _mm512_castsi512_ps(_mm512_unpacklo_epi16(lo01, lo23));
-        const __m512 w1 = _mm512_castsi512_ps(_mm512_unpackhi_epi16(lo01, lo23));
-        const __m512 w2 = _mm512_castsi512_ps(_mm512_unpacklo_epi16(hi01, hi23));
-        const __m512 w3 = _mm512_castsi512_ps(_mm512_unpackhi_epi16(hi01, hi23));
+        __m512 w[4];
+        group(t, base + 64 * g, sign, w);
+        const __m512 w0 = w[0], w1 = w[1], w2 = w[2], w3 = w[3];
         const float* xg = a.x + 64 * g;
         for (int m = 0; m < M; ++m) {
           const float* xm = xg + m * a.Kp;
@@ -448,18 +457,9 @@ void decode_kind2(const GemvArgs& a, int64_t n0, int64_t n1, float* out, int64_t
     const uint8_t* base = a.data + n * a.row_bytes;
     float* o = out + (n - n0) * ld;
     for (int64_t g = 0; g < G; ++g) {
-      const __m512i idx = _mm512_loadu_si512(base + 64 * g);
-      const __m512i b0 = _mm512_permutex2var_epi8(t[0], idx, t[1]);
-      const __m512i b1 = _mm512_permutex2var_epi8(t[2], idx, t[3]);
-      const __m512i b2 = _mm512_permutex2var_epi8(t[4], idx, t[5]);
-      const __m512i b3 = _mm512_ternarylogic_epi32(_mm512_permutex2var_epi8(t[6], idx, t[7]),
-                                                   idx, sign, 0x78);
-      const __m512i lo01 = _mm512_unpacklo_epi8(b0, b1), hi01 = _mm512_unpackhi_epi8(b0, b1);
-      const __m512i lo23 = _mm512_unpacklo_epi8(b2, b3), hi23 = _mm512_unpackhi_epi8(b2, b3);
-      _mm512_storeu_si512(o + 64 * g, _mm512_unpacklo_epi16(lo01, lo23));
-      _mm512_storeu_si512(o + 64 * g + 16, _mm512_unpackhi_epi16(lo01, lo23));
-      _mm512_storeu_si512(o + 64 * g + 32, _mm512_unpacklo_epi16(hi01, hi23));
-      _mm512_storeu_si512(o + 64 * g + 48, _mm512_unpackhi_epi16(hi01, hi23));
+      __m512 w[4];
+      Kind2::group(t, base + 64 * g, sign, w);
+      for (int q = 0; q < 4; ++q) _mm512_storeu_ps(o + 64 * g + 16 * q, w[q]);
     }
   }
 }
