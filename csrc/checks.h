@@ -62,6 +62,13 @@ inline void check_same_device(const at::Tensor& a, const char* an,
               b.device());
 }
 
+// The code-range check, which reads the values and so runs in the backends:
+// `ok` is what the backend found; one message for every op and backend.
+inline void check_codes_valid(bool ok, const char* name, int64_t bits) {
+  TORCH_CHECK(ok, "dnateq: ", name, " has bits above bit ", bits - 1,
+              " set, which is not a valid code for bits=", bits);
+}
+
 inline void check_counter_bits(const c10::optional<int64_t>& cb) {
   if (cb.has_value()) {
     TORCH_CHECK(*cb >= 2 && *cb <= 32,

@@ -1,9 +1,12 @@
 // Operator schemas (SPEC section 5). The argument order is binding: arguments
 // may only be appended, with defaults. w_scale/w_offset (SPEC section 9):
 // per-output-channel weight parameters, float32 [N], given together; they
-// replace sw/bw. Backends register in
-// register_cpu.cpp and csrc/register_cuda.cu; fake (meta)
-// kernels are registered from Python (python/dnateq/_meta.py).
+// replace sw/bw. Each family registers its kernels beside them:
+// TORCH_LIBRARY_IMPL(dnateq, CPU) in csrc/<family>/cpu.cpp and
+// TORCH_LIBRARY_IMPL(dnateq, CUDA) in csrc/<family>/cuda.cu, both for the
+// one entry per op of csrc/<family>/front.h; the fake (meta) kernels are
+// registered from Python beside each wrapper (python/dnateq/ops.py).
+// docs/ARCHITECTURE.md: the data path and the files to touch to add an op.
 #include <Python.h>
 #include <torch/library.h>
 

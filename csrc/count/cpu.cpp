@@ -12,13 +12,14 @@
 // biased exponent and the pair's sign product s_a*s_w, which is 0 for a zero
 // weight: its two updates add nothing, so no branch and no trash bins.
 #include <ATen/Parallel.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <atomic>
 #include <vector>
 
 #include "checks.h"
-#include "ops.h"
+#include "count/front.h"
 #include "common/cpu_kernels.h"
 
 namespace dnateq {
@@ -68,7 +69,8 @@ struct Post {
   int64_t c(int64_t v) const { return clamp ? std::min(hi, std::max(lo, v)) : v; }
 };
 
-void check_code_range(const at::Tensor& codes, int64_t bits, const char* name) {
+// Whether every code's magnitude is a valid biased exponent for bits=n.
+bool code_range_ok(const at::Tensor& codes, int64_t bits) {
   const uint8_t* p = reinterpret_cast<const uint8_t*>(codes.const_data_ptr<int8_t>());
   const int max_mag = num_levels(static_cast<int>(bits));
   std::atomic<bool> ok{true};
@@ -77,11 +79,15 @@ void check_code_range(const at::Tensor& codes, int64_t bits, const char* name) {
     for (int64_t i = b0; i < b1; ++i) good &= (p[i] & kMagMask) <= max_mag;
     if (!good) ok = false;
   });
-  TORCH_CHECK(ok.load(), "dnateq: ", name, " has bits above bit ", bits - 1,
-              " set, which is not a valid code for bits=", bits);
+  return ok.load();
 }
 
-Weights prepare_weights(const at::Tensor& w, const c10::optional<at::Tensor>& w_terms) {
+// 1 (a_codes) | 2 (w_codes) where the codes are out of range.
+int bad_codes(const CountPlan& p) {
+  return (code_range_ok(p.a, p.bits) ? 0 : 1) | (code_range_ok(p.w, p.bits) ? 0 : 2);
+}
+
+Weights prepare_weights(const at::Tensor& w, const at::Tensor& w_terms) {
   Weights W;
   W.N = w.size(0);
   W.K = W.N ? w.numel() / W.N : 0;
@@ -93,7 +99,7 @@ Weights prepare_weights(const at::Tensor& w, const c10::optional<at::Tensor>& w_
     W.table[0][c] = {mag, sg};
     W.table[1][c] = {mag, static_cast<int16_t>(-sg)};
   }
-  if (w_terms.has_value()) W.terms = w_terms->const_data_ptr<int32_t>();
+  if (w_terms.defined()) W.terms = w_terms.const_data_ptr<int32_t>();
   return W;
 }
 
@@ -262,39 +268,23 @@ Post make_post(double alpha, double sa, double ba, double sw, double bw,
   return P;
 }
 
-c10::optional<at::Tensor> contiguous_terms(const c10::optional<at::Tensor>& t) {
-  if (t.has_value() && t->defined()) return t->contiguous();
-  return c10::nullopt;
-}
 
 }  // namespace
 
-at::Tensor exp_linear_count(const at::Tensor& a_in, const at::Tensor& w_in,
-                            double alpha, double sa, double ba, double sw,
-                            double bw, int64_t bits,
-                            const c10::optional<at::Tensor>& bias,
-                            c10::optional<int64_t> counter_bits,
-                            const c10::optional<at::Tensor>& w_terms_in,
-                            const c10::optional<at::Tensor>& w_scale,
-                            const c10::optional<at::Tensor>& w_offset) {
-  const auto [N, K] = check_linear_count_shapes(a_in, w_in);
-  const CountArgs CA = check_count_args(a_in, w_in, alpha, sa, ba, sw, bw, bits, bias,
-                                        counter_bits, w_terms_in, N, w_scale, w_offset);
-  const at::Tensor& b = CA.bias;
-  const at::Tensor a = a_in.contiguous(), w = w_in.contiguous();
-  check_code_range(a, bits, "a_codes");
-  check_code_range(w, bits, "w_codes");
-  const auto w_terms = contiguous_terms(w_terms_in);
-  std::vector<int64_t> out_shape(a.sizes().begin(), a.sizes().end());
-  out_shape.back() = N;
-  at::Tensor out = at::empty(out_shape, a.options().dtype(at::kFloat));
-  if (out.numel() == 0) return out;
+}  // namespace cpu
+
+int run_cpu(const CountPlan& p) {
+  using namespace cpu;
+  if (const int bad = bad_codes(p)) return bad;
+  if (p.out.numel() == 0) return 0;
+  const int64_t N = p.N, K = p.K;
+  const at::Tensor& out = p.out;
+  const Layout L(static_cast<int>(p.bits));
+  const Weights W = prepare_weights(p.w, p.terms);
+  const Post P = make_post(p.alpha, p.sa, p.ba, p.sw, p.bw, p.bits, p.counter_bits,
+                           p.bias.defined() ? p.bias.const_data_ptr<float>() : nullptr, p.wc);
+  const uint8_t* ap = reinterpret_cast<const uint8_t*>(p.a.const_data_ptr<int8_t>());
   const int64_t rows = out.numel() / N;
-  const Layout L(static_cast<int>(bits));
-  const Weights W = prepare_weights(w, w_terms);
-  const Post P = make_post(alpha, sa, ba, sw, bw, bits, counter_bits,
-                           b.defined() ? b.const_data_ptr<float>() : nullptr, CA.wc);
-  const uint8_t* ap = reinterpret_cast<const uint8_t*>(a.const_data_ptr<int8_t>());
   float* op = out.data_ptr<float>();
   const int64_t threads = at::get_num_threads();
   if (rows >= 2 * threads) {
@@ -318,39 +308,24 @@ at::Tensor exp_linear_count(const at::Tensor& a_in, const at::Tensor& w_in,
       }
     });
   }
-  return out;
+  return 0;
 }
 
-at::Tensor exp_conv2d_count(const at::Tensor& a_in, const at::Tensor& w_in,
-                            double alpha, double sa, double ba, double sw,
-                            double bw, int64_t bits,
-                            const c10::optional<at::Tensor>& bias,
-                            at::IntArrayRef stride, at::IntArrayRef padding,
-                            at::IntArrayRef dilation, int64_t groups,
-                            c10::optional<int64_t> counter_bits,
-                            const c10::optional<at::Tensor>& w_terms_in,
-                            const c10::optional<at::Tensor>& w_scale,
-                            const c10::optional<at::Tensor>& w_offset) {
-  const auto [Ho, Wo] = check_conv_geometry(a_in.sizes(), w_in.sizes(), stride, padding,
-                                            dilation, groups, "a_codes", "w_codes");
-  const int64_t Nb = a_in.size(0), C = a_in.size(1), H = a_in.size(2), Wd = a_in.size(3);
-  const int64_t O = w_in.size(0), Cg = w_in.size(1), kh = w_in.size(2), kw = w_in.size(3);
-  const CountArgs CA = check_count_args(a_in, w_in, alpha, sa, ba, sw, bw, bits, bias,
-                                        counter_bits, w_terms_in, O, w_scale, w_offset);
-  const at::Tensor& b = CA.bias;
-  const at::Tensor a = a_in.contiguous(), w = w_in.contiguous();
-  check_code_range(a, bits, "a_codes");
-  check_code_range(w, bits, "w_codes");
-  const auto w_terms = contiguous_terms(w_terms_in);
-  at::Tensor out = at::empty({Nb, O, Ho, Wo}, a.options().dtype(at::kFloat));
-  if (out.numel() == 0) return out;
+int run_cpu(const ConvCountPlan& p) {
+  using namespace cpu;
+  if (const int bad = bad_codes(p)) return bad;
+  if (p.out.numel() == 0) return 0;
+  const int64_t Nb = p.a.size(0), C = p.a.size(1), H = p.a.size(2), Wd = p.a.size(3);
+  const int64_t O = p.N, Cg = p.w.size(1), kh = p.w.size(2), kw = p.w.size(3);
+  const int64_t Ho = p.Ho, Wo = p.Wo, groups = p.groups;
+  const auto &stride = p.stride, &padding = p.padding, &dilation = p.dilation;
   const int64_t Kg = Cg * kh * kw, Og = O / groups, HW = Ho * Wo;
-  const Layout L(static_cast<int>(bits));
-  const Weights W = prepare_weights(w, w_terms);
-  const Post P = make_post(alpha, sa, ba, sw, bw, bits, counter_bits,
-                           b.defined() ? b.const_data_ptr<float>() : nullptr, CA.wc);
-  const uint8_t* ap = reinterpret_cast<const uint8_t*>(a.const_data_ptr<int8_t>());
-  float* op = out.data_ptr<float>();
+  const Layout L(static_cast<int>(p.bits));
+  const Weights W = prepare_weights(p.w, p.terms);
+  const Post P = make_post(p.alpha, p.sa, p.ba, p.sw, p.bw, p.bits, p.counter_bits,
+                           p.bias.defined() ? p.bias.const_data_ptr<float>() : nullptr, p.wc);
+  const uint8_t* ap = reinterpret_cast<const uint8_t*>(p.a.const_data_ptr<int8_t>());
+  float* op = p.out.data_ptr<float>();
   // One task per (image, group, output position): gather the receptive field
   // (zero codes where padded) and count it against the group's filters.
   at::parallel_for(0, Nb * groups * HW, 16, [&](int64_t t0, int64_t t1) {
@@ -375,8 +350,12 @@ at::Tensor exp_conv2d_count(const at::Tensor& a_in, const at::Tensor& w_in,
       count_row(R, W, L, P, g * Og, (g + 1) * Og, op + img * O * HW + p, HW, hist);
     }
   });
-  return out;
+  return 0;
 }
 
-}  // namespace cpu
 }  // namespace dnateq
+
+TORCH_LIBRARY_IMPL(dnateq, CPU, m) {
+  m.impl("exp_linear_count", &dnateq::exp_linear_count);
+  m.impl("exp_conv2d_count", &dnateq::exp_conv2d_count);
+}

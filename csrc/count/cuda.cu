@@ -31,8 +31,10 @@
 #include <cmath>
 #include <vector>
 
+#include <torch/library.h>
+
 #include "common/cuda_common.cuh"
-#include "cuda_ops.h"
+#include "count/front.h"
 
 namespace dnateq {
 namespace cuda {
@@ -283,9 +285,9 @@ PostArgs make_post(double alpha, double sa, double ba, double sw, double bw,
   return P;
 }
 
-// Range check of both code tensors with one host synchronization; a_codes
-// is reported first, as on the CPU.
-void check_code_ranges(const at::Tensor& a, const at::Tensor& w, int64_t bits) {
+// Range check of both code tensors with one host synchronization: 1
+// (a_codes) | 2 (w_codes) where a code has bits above bit n-1 set.
+int bad_codes(const at::Tensor& a, const at::Tensor& w, int64_t bits) {
   const int max_mag = num_levels(static_cast<int>(bits));
   DeviceFlag flag(a);
   auto stream = at::cuda::getCurrentCUDAStream();
@@ -299,11 +301,7 @@ void check_code_ranges(const at::Tensor& a, const at::Tensor& w, int64_t bits) {
         max_mag, 1 << i, flag.ptr());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  const int v = flag.value();
-  TORCH_CHECK(!(v & 1), "dnateq: a_codes has bits above bit ", bits - 1,
-              " set, which is not a valid code for bits=", bits);
-  TORCH_CHECK(!(v & 2), "dnateq: w_codes has bits above bit ", bits - 1,
-              " set, which is not a valid code for bits=", bits);
+  return flag.value();
 }
 
 // Counts rows [0, M) of `a` ([M, K] contiguous codes) against weight rows
@@ -346,99 +344,70 @@ void launch_count(const uint8_t* a, const uint8_t* w, int64_t M, int64_t N,
 }  // namespace
 }  // namespace detail
 
-at::Tensor exp_linear_count(const at::Tensor& a_in, const at::Tensor& w_in,
-                            double alpha, double sa, double ba, double sw,
-                            double bw, int64_t bits,
-                            const c10::optional<at::Tensor>& bias,
-                            c10::optional<int64_t> counter_bits,
-                            const c10::optional<at::Tensor>& w_terms_in,
-                            const c10::optional<at::Tensor>& w_scale,
-                            const c10::optional<at::Tensor>& w_offset) {
-  const auto [N, K] = check_linear_count_shapes(a_in, w_in);
-  const CountArgs CA = check_count_args(a_in, w_in, alpha, sa, ba, sw, bw, bits, bias,
-                                        counter_bits, w_terms_in, N, w_scale, w_offset);
-  const at::Tensor& b = CA.bias;
-  const float* ws = CA.wc.defined() ? CA.wc.scale_dev.const_data_ptr<float>() : nullptr;
-  const float* wo = CA.wc.defined() ? CA.wc.offset_dev.const_data_ptr<float>() : nullptr;
-  const c10::cuda::CUDAGuard guard(a_in.device());
-  const at::Tensor a = a_in.contiguous(), w = w_in.contiguous();
-  detail::check_code_ranges(a, w, bits);
-  at::Tensor terms;
-  if (w_terms_in.has_value() && w_terms_in->defined()) terms = w_terms_in->contiguous();
-  std::vector<int64_t> out_shape(a.sizes().begin(), a.sizes().end());
-  out_shape.back() = N;
-  at::Tensor out = at::empty(out_shape, a.options().dtype(at::kFloat));
-  if (out.numel() == 0) return out;
-  const int64_t M = out.numel() / N;
-  const detail::PostArgs post =
-      detail::make_post(alpha, sa, ba, sw, bw, bits, counter_bits);
-  const bool want_terms = terms.defined() && !counter_bits.has_value();
-  const detail::OutMap map{M, 0, N, 1};
-  detail::launch_count(
-      reinterpret_cast<const uint8_t*>(a.const_data_ptr<int8_t>()),
-      reinterpret_cast<const uint8_t*>(w.const_data_ptr<int8_t>()), M, N, K,
-      bits, want_terms ? terms.const_data_ptr<int32_t>() : nullptr, want_terms,
-      b.defined() ? b.const_data_ptr<float>() : nullptr, ws, wo, out.data_ptr<float>(),
-      map, post, a.options());
-  return out;
+}  // namespace cuda
+
+int run_cuda(const CountPlan& p) {
+  namespace d = cuda::detail;
+  const c10::cuda::CUDAGuard guard(p.device);
+  if (const int bad = d::bad_codes(p.a, p.w, p.bits)) return bad;
+  if (p.out.numel() == 0) return 0;
+  const int64_t N = p.N, K = p.K, M = p.out.numel() / N;
+  const float* ws = p.wc.defined() ? p.wc.scale_dev.const_data_ptr<float>() : nullptr;
+  const float* wo = p.wc.defined() ? p.wc.offset_dev.const_data_ptr<float>() : nullptr;
+  const d::PostArgs post = d::make_post(p.alpha, p.sa, p.ba, p.sw, p.bw, p.bits, p.counter_bits);
+  const bool want_terms = p.terms.defined() && !p.counter_bits.has_value();
+  const d::OutMap map{M, 0, N, 1};
+  d::launch_count(
+      reinterpret_cast<const uint8_t*>(p.a.const_data_ptr<int8_t>()),
+      reinterpret_cast<const uint8_t*>(p.w.const_data_ptr<int8_t>()), M, N, K, p.bits,
+      want_terms ? p.terms.const_data_ptr<int32_t>() : nullptr, want_terms,
+      p.bias.defined() ? p.bias.const_data_ptr<float>() : nullptr, ws, wo,
+      p.out.data_ptr<float>(), map, post, p.a.options());
+  return 0;
 }
 
-at::Tensor exp_conv2d_count(const at::Tensor& a_in, const at::Tensor& w_in,
-                            double alpha, double sa, double ba, double sw,
-                            double bw, int64_t bits,
-                            const c10::optional<at::Tensor>& bias,
-                            at::IntArrayRef stride, at::IntArrayRef padding,
-                            at::IntArrayRef dilation, int64_t groups,
-                            c10::optional<int64_t> counter_bits,
-                            const c10::optional<at::Tensor>& w_terms_in,
-                            const c10::optional<at::Tensor>& w_scale,
-                            const c10::optional<at::Tensor>& w_offset) {
-  const auto [Ho, Wo] = check_conv_geometry(a_in.sizes(), w_in.sizes(), stride, padding,
-                                            dilation, groups, "a_codes", "w_codes");
-  const int64_t Nb = a_in.size(0), C = a_in.size(1), H = a_in.size(2), Wd = a_in.size(3);
-  const int64_t O = w_in.size(0), Cg = w_in.size(1), kh = w_in.size(2), kw = w_in.size(3);
-  const CountArgs CA = check_count_args(a_in, w_in, alpha, sa, ba, sw, bw, bits, bias,
-                                        counter_bits, w_terms_in, O, w_scale, w_offset);
-  const at::Tensor& b = CA.bias;
-  const float* ws = CA.wc.defined() ? CA.wc.scale_dev.const_data_ptr<float>() : nullptr;
-  const float* wo = CA.wc.defined() ? CA.wc.offset_dev.const_data_ptr<float>() : nullptr;
-  const c10::cuda::CUDAGuard guard(a_in.device());
-  const at::Tensor a = a_in.contiguous(), w = w_in.contiguous();
-  detail::check_code_ranges(a, w, bits);
-  at::Tensor terms;
-  if (w_terms_in.has_value() && w_terms_in->defined()) terms = w_terms_in->contiguous();
-  at::Tensor out = at::empty({Nb, O, Ho, Wo}, a.options().dtype(at::kFloat));
-  if (out.numel() == 0) return out;
-  const int64_t Kg = Cg * kh * kw, Og = O / groups, HW = Ho * Wo, M = Nb * HW;
-  const int nb = 1 << bits;
-  const detail::PostArgs post =
-      detail::make_post(alpha, sa, ba, sw, bw, bits, counter_bits);
-  const bool want_terms = terms.defined() && !counter_bits.has_value();
-  const detail::OutMap map{HW, O * HW, 1, HW};
-  const detail::ConvGeom G{C,  H,          Wd,         Cg,          kh,
-                           kw, stride[0],  stride[1],  padding[0],  padding[1],
-                           dilation[0], dilation[1], Ho, Wo};
+int run_cuda(const ConvCountPlan& p) {
+  namespace d = cuda::detail;
+  const c10::cuda::CUDAGuard guard(p.device);
+  if (const int bad = d::bad_codes(p.a, p.w, p.bits)) return bad;
+  if (p.out.numel() == 0) return 0;
+  const int64_t C = p.a.size(1), H = p.a.size(2), Wd = p.a.size(3);
+  const int64_t O = p.N, Cg = p.w.size(1), kh = p.w.size(2), kw = p.w.size(3);
+  const int64_t groups = p.groups, HW = p.Ho * p.Wo, M = p.a.size(0) * HW;
+  const int64_t Kg = Cg * kh * kw, Og = O / groups;
+  const int nb = 1 << p.bits;
+  const float* ws = p.wc.defined() ? p.wc.scale_dev.const_data_ptr<float>() : nullptr;
+  const float* wo = p.wc.defined() ? p.wc.offset_dev.const_data_ptr<float>() : nullptr;
+  const d::PostArgs post = d::make_post(p.alpha, p.sa, p.ba, p.sw, p.bw, p.bits, p.counter_bits);
+  const bool want_terms = p.terms.defined() && !p.counter_bits.has_value();
+  const d::OutMap map{HW, O * HW, 1, HW};
+  const d::ConvGeom G{C,  H,          Wd,         Cg,          kh,
+                      kw, p.stride[0],  p.stride[1],  p.padding[0],  p.padding[1],
+                      p.dilation[0], p.dilation[1], p.Ho, p.Wo};
   // One im2col buffer, reused by every group (stream-ordered).
-  at::Tensor col = at::empty({M, Kg}, a.options().dtype(at::kByte));
-  const uint8_t* ap = reinterpret_cast<const uint8_t*>(a.const_data_ptr<int8_t>());
-  const uint8_t* wp = reinterpret_cast<const uint8_t*>(w.const_data_ptr<int8_t>());
+  at::Tensor col = at::empty({M, Kg}, p.a.options().dtype(at::kByte));
+  const uint8_t* ap = reinterpret_cast<const uint8_t*>(p.a.const_data_ptr<int8_t>());
+  const uint8_t* wp = reinterpret_cast<const uint8_t*>(p.w.const_data_ptr<int8_t>());
+  const float* bp = p.bias.defined() ? p.bias.const_data_ptr<float>() : nullptr;
   auto stream = at::cuda::getCurrentCUDAStream();
   for (int64_t g = 0; g < groups; ++g) {
     if (M * Kg > 0) {
-      const int64_t grid = detail::grid_for(M * Kg, detail::kThreads);
-      detail::im2col_kernel<<<grid, detail::kThreads, 0, stream>>>(
-          ap, col.data_ptr<uint8_t>(), M, g, G);
+      const int64_t grid = d::grid_for(M * Kg, d::kThreads);
+      d::im2col_kernel<<<grid, d::kThreads, 0, stream>>>(ap, col.data_ptr<uint8_t>(), M, g, G);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
-    detail::launch_count(
-        col.const_data_ptr<uint8_t>(), wp + g * Og * Kg, M, Og, Kg, bits,
-        want_terms ? terms.const_data_ptr<int32_t>() + g * Og * nb : nullptr,
-        want_terms, b.defined() ? b.const_data_ptr<float>() + g * Og : nullptr,
-        ws ? ws + g * Og : nullptr, wo ? wo + g * Og : nullptr,
-        out.data_ptr<float>() + g * Og * HW, map, post, a.options());
+    d::launch_count(
+        col.const_data_ptr<uint8_t>(), wp + g * Og * Kg, M, Og, Kg, p.bits,
+        want_terms ? p.terms.const_data_ptr<int32_t>() + g * Og * nb : nullptr, want_terms,
+        bp ? bp + g * Og : nullptr, ws ? ws + g * Og : nullptr, wo ? wo + g * Og : nullptr,
+        p.out.data_ptr<float>() + g * Og * HW, map, post, p.a.options());
   }
-  return out;
+  return 0;
 }
 
-}  // namespace cuda
 }  // namespace dnateq
+
+TORCH_LIBRARY_IMPL(dnateq, CUDA, m) {
+  m.impl("exp_linear_count", &dnateq::exp_linear_count);
+  m.impl("exp_conv2d_count", &dnateq::exp_conv2d_count);
+}

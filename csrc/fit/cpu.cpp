@@ -2,6 +2,7 @@
 // prefix sums, the paper's base search (Algorithm 1) and our golden-section
 // search. exp_error and exp_fit on the CPU.
 #include <ATen/Parallel.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <atomic>
@@ -9,7 +10,7 @@
 #include <cmath>
 
 #include "checks.h"
-#include "ops.h"
+#include "fit/front.h"
 #include "common/cpu_kernels.h"
 #include "fit/magnitudes.h"
 
@@ -186,43 +187,7 @@ Candidate search_golden(const SortedMagnitudes& m, int bits, Rounding r) {
 
 }  // namespace
 
-double exp_error(const at::Tensor& x, double alpha, double scale, double offset,
-                 int64_t bits, c10::string_view rounding) {
-  ExpTables t;
-  make_checked_tables(t, alpha, scale, offset, bits, parse_rounding(rounding),
-                      "scale", "offset");
-  return SortedMagnitudes(x, "x").rmae(t);
-}
-
-at::Tensor exp_errors(const at::Tensor& x, at::ArrayRef<double> alpha,
-                      at::ArrayRef<double> scale, at::ArrayRef<double> offset,
-                      int64_t bits, c10::string_view rounding) {
-  TORCH_CHECK(alpha.size() == scale.size() && alpha.size() == offset.size(),
-              "dnateq: alpha, scale and offset must have the same length, got ",
-              alpha.size(), ", ", scale.size(), ", ", offset.size());
-  const Rounding r = parse_rounding(rounding);
-  std::vector<ExpTables> tables(alpha.size());
-  for (size_t i = 0; i < alpha.size(); ++i) {
-    make_checked_tables(tables[i], alpha[i], scale[i], offset[i], bits, r,
-                        "scale", "offset");
-  }
-  const SortedMagnitudes m(x, "x");  // sorted once for every candidate
-  at::Tensor out = at::empty({static_cast<int64_t>(alpha.size())},
-                             at::TensorOptions().dtype(at::kDouble));
-  double* o = out.data_ptr<double>();
-  at::parallel_for(0, static_cast<int64_t>(tables.size()), 8, [&](int64_t b0, int64_t b1) {
-    for (int64_t i = b0; i < b1; ++i) o[i] = m.rmae(tables[i]);
-  });
-  return out;
-}
-
 namespace {
-
-void check_search(c10::string_view search) {
-  TORCH_CHECK(search == "golden" || search == "paper",
-              "dnateq: search must be \"golden\" or \"paper\", got \"",
-              std::string(search), "\"");
-}
 
 // The fit of one bit width on already sorted magnitudes: exp_fit's body, so
 // that exp_fit and exp_fits give bit-identical answers.
@@ -262,41 +227,37 @@ Candidate fit_sorted(const SortedMagnitudes& m, int64_t bits, bool paper,
 
 }  // namespace
 
-std::tuple<double, double, double, double> exp_fit(
-    const at::Tensor& x, int64_t bits, c10::string_view search,
-    c10::string_view rounding, c10::optional<double> alpha) {
-  check_bits(bits);
-  const Rounding r = parse_rounding(rounding);
-  check_search(search);
-  if (alpha.has_value()) check_alpha(*alpha);
-  const SortedMagnitudes m(x, "x");
-  const Candidate c = fit_sorted(m, bits, search == "paper", r, alpha);
+}  // namespace cpu
+
+double run_cpu(const ErrorPlan& p) { return cpu::SortedMagnitudes(p.x, "x").rmae(p.t); }
+
+at::Tensor run_cpu(const ErrorsPlan& p) {
+  const cpu::SortedMagnitudes m(p.x, "x");  // sorted once for every candidate
+  const int64_t n = static_cast<int64_t>(p.tables.size());
+  at::Tensor out = at::empty({n}, at::TensorOptions().dtype(at::kDouble));
+  double* o = out.data_ptr<double>();
+  at::parallel_for(0, n, 8, [&](int64_t b0, int64_t b1) {
+    for (int64_t i = b0; i < b1; ++i) o[i] = m.rmae(p.tables[i]);
+  });
+  return out;
+}
+
+std::tuple<double, double, double, double> run_cpu(const FitPlan& p) {
+  const cpu::SortedMagnitudes m(p.x, "x");
+  const cpu::Candidate c = cpu::fit_sorted(m, p.bits, p.paper, p.rounding, p.alpha);
   return {c.alpha, c.scale, c.offset, c.rmae};
 }
 
-at::Tensor exp_fits(const at::Tensor& x, at::IntArrayRef bits,
-                    c10::string_view search, c10::string_view rounding,
-                    c10::optional<at::ArrayRef<double>> alpha) {
-  TORCH_CHECK(!bits.empty(), "dnateq: bits must list at least one bit width");
-  for (const int64_t b : bits) check_bits(b);
-  const Rounding r = parse_rounding(rounding);
-  check_search(search);
-  if (alpha.has_value()) {
-    TORCH_CHECK(alpha->size() == bits.size(),
-                "dnateq: alpha must have one value per bit width, got ", alpha->size(),
-                " values for ", bits.size(), " bit widths");
-    for (const double a : *alpha) check_alpha(a);
-  }
-  const SortedMagnitudes m(x, "x");  // sorted once for every bit width
-  const int64_t nb = static_cast<int64_t>(bits.size());
+at::Tensor run_cpu(const FitsPlan& p) {
+  const cpu::SortedMagnitudes m(p.x, "x");  // sorted once for every bit width
+  const int64_t nb = static_cast<int64_t>(p.bits.size());
   at::Tensor out = at::empty({nb, 4}, at::TensorOptions().dtype(at::kDouble));
   double* o = out.data_ptr<double>();
-  const bool paper = search == "paper";
   at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t i = b0; i < b1; ++i) {
       const c10::optional<double> a =
-          alpha.has_value() ? c10::optional<double>((*alpha)[i]) : c10::nullopt;
-      const Candidate c = fit_sorted(m, bits[i], paper, r, a);
+          p.alpha.empty() ? c10::nullopt : c10::optional<double>(p.alpha[i]);
+      const cpu::Candidate c = cpu::fit_sorted(m, p.bits[i], p.paper, p.rounding, a);
       o[4 * i + 0] = c.alpha;
       o[4 * i + 1] = c.scale;
       o[4 * i + 2] = c.offset;
@@ -306,5 +267,11 @@ at::Tensor exp_fits(const at::Tensor& x, at::IntArrayRef bits,
   return out;
 }
 
-}  // namespace cpu
 }  // namespace dnateq
+
+TORCH_LIBRARY_IMPL(dnateq, CPU, m) {
+  m.impl("exp_fit", &dnateq::exp_fit);
+  m.impl("exp_error", &dnateq::exp_error);
+  m.impl("exp_errors", &dnateq::exp_errors);
+  m.impl("exp_fits", &dnateq::exp_fits);
+}

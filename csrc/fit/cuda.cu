@@ -13,6 +13,7 @@
 // host-side work either way; this gives the CPU's parameters exactly, with
 // the same argument checks in the same order.
 #include <cub/device/device_radix_sort.cuh>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <cstring>
@@ -20,8 +21,7 @@
 
 #include "fit/magnitudes.h"
 #include "common/cuda_common.cuh"
-#include "cuda_ops.h"
-#include "ops.h"
+#include "fit/front.h"
 
 namespace dnateq {
 namespace cuda {
@@ -95,20 +95,23 @@ std::vector<float> sorted_magnitudes(const at::Tensor& x_in, const char* arg) {
 }  // namespace
 }  // namespace detail
 
-double exp_error(const at::Tensor& x, double alpha, double scale, double offset,
-                 int64_t bits, c10::string_view rounding) {
-  ExpTables t;
-  make_checked_tables(t, alpha, scale, offset, bits, parse_rounding(rounding),
-                      "scale", "offset");
-  const c10::cuda::CUDAGuard guard(x.device());
-  return cpu::SortedMagnitudes(detail::sorted_magnitudes(x, "x")).rmae(t);
-}
-
-std::tuple<double, double, double, double> exp_fit(
-    const at::Tensor& x, int64_t bits, c10::string_view search,
-    c10::string_view rounding, c10::optional<double> alpha) {
-  return cpu::exp_fit(x.to(at::kCPU), bits, search, rounding, alpha);
-}
-
 }  // namespace cuda
+
+double run_cuda(const ErrorPlan& p) {
+  const c10::cuda::CUDAGuard guard(p.device);
+  return cpu::SortedMagnitudes(cuda::detail::sorted_magnitudes(p.x, "x")).rmae(p.t);
+}
+
+std::tuple<double, double, double, double> run_cuda(const FitPlan& p) {
+  FitPlan host = p;
+  host.device = at::kCPU;
+  host.x = p.x.to(at::kCPU);
+  return run_cpu(host);
+}
+
 }  // namespace dnateq
+
+TORCH_LIBRARY_IMPL(dnateq, CUDA, m) {
+  m.impl("exp_fit", &dnateq::exp_fit);
+  m.impl("exp_error", &dnateq::exp_error);
+}

@@ -8,15 +8,16 @@
 // every path decodes weight row n through its own field table, built from
 // (alpha, w_scale[n], w_offset[n]) exactly as the per-tensor table is.
 #include <ATen/Parallel.h>
+#include <torch/library.h>
 #include <c10/util/accumulate.h>
 
 #include <algorithm>
 #include <vector>
 
 #include "checks.h"
-#include "ops.h"
 #include "common/cpu_kernels.h"
 #include "lut/fast_lut.h"
+#include "lut/front.h"
 
 namespace dnateq {
 namespace cpu {
@@ -149,22 +150,16 @@ at::Tensor decode_weight(const at::Tensor& packed_in, int64_t N, int64_t K, cons
 
 }  // namespace
 
-at::Tensor exp_linear_lut(const at::Tensor& x, const at::Tensor& w_packed,
-                          at::IntArrayRef w_shape, double alpha, double sa,
-                          double ba, double sw, double bw, int64_t bits,
-                          bool /*a_signed: the float path handles any sign*/,
-                          bool w_signed, c10::string_view rounding,
-                          const c10::optional<at::Tensor>& bias,
-                          const c10::optional<at::Tensor>& w_scale,
-                          const c10::optional<at::Tensor>& w_offset,
-                          const c10::optional<at::Tensor>& w_layout) {
-  const auto [N, K] = check_linear_lut_shapes(x, w_shape);
-  const LutArgs A = check_lut_args(x, w_packed, N, K, alpha, sa, ba, sw, bw, bits, w_signed,
-                                   rounding, bias, N, w_scale, w_offset);
-  const RowTables T(A.tw, w_signed, A.wc, alpha);
-  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
-  out_shape.back() = N;
-  const int64_t M = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
+}  // namespace cpu
+
+at::Tensor run_cpu(const LutPlan& p) {
+  using namespace cpu;
+  const at::Tensor &x = p.x, &w_packed = p.w_packed;
+  const LutArgs& A = p.A;
+  const int64_t N = p.N, K = p.K, M = p.M, bits = p.bits;
+  const bool w_signed = p.w_signed;
+  const std::vector<int64_t>& out_shape = p.out_shape;
+  const RowTables T(A.tw, w_signed, A.wc, p.alpha);
   if (K == 0 || N == 0) {
     // Empty dot products: the output is the bias (or zeros); x is still checked.
     detail::fake_quantize_to_float(x, A.ta, "x");
@@ -173,19 +168,18 @@ at::Tensor exp_linear_lut(const at::Tensor& x, const at::Tensor& w_packed,
     y = y.reshape(out_shape);
     return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
   }
-  const bool has_layout = w_layout.has_value() && w_layout->defined();
-  if (has_layout) {
+  if (p.w_layout.defined()) {
     if (M >= 1 && M <= kFastMaxRows && (M <= fast::kGemvRows || K <= kFastGemmMaxK) &&
         active_isa() == Isa::kAvx512) {
       // fast_linear validates the layout against this weight.
-      at::Tensor y = fast_linear(x, *w_layout, w_packed, N, K, A.ta, A.tw, alpha,
+      at::Tensor y = fast_linear(x, p.w_layout, w_packed, N, K, A.ta, A.tw, p.alpha,
                                  A.wc.scale, A.wc.offset, w_signed, A.bias)
                          .reshape(out_shape);
       return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
     }
     // Another path reads w_packed; a layout that does not belong to it is
     // still an error.
-    validate_layout(*w_layout, w_packed, N, K, bits, w_signed);
+    validate_layout(p.w_layout, w_packed, N, K, bits, w_signed);
   }
   const at::Tensor xq = detail::fake_quantize_to_float(x, A.ta, "x").reshape({M, K});
   at::Tensor y;
@@ -205,50 +199,44 @@ at::Tensor exp_linear_lut(const at::Tensor& x, const at::Tensor& w_packed,
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }
 
-at::Tensor exp_conv2d_lut(const at::Tensor& x, const at::Tensor& w_packed,
-                          at::IntArrayRef w_shape, double alpha, double sa,
-                          double ba, double sw, double bw, int64_t bits,
-                          bool /*a_signed*/, bool w_signed,
-                          c10::string_view rounding,
-                          const c10::optional<at::Tensor>& bias,
-                          at::IntArrayRef stride, at::IntArrayRef padding,
-                          at::IntArrayRef dilation, int64_t groups,
-                          const c10::optional<at::Tensor>& w_scale,
-                          const c10::optional<at::Tensor>& w_offset,
-                          const c10::optional<at::Tensor>& w_layout) {
-  check_w_shape(w_shape, 4, "[O, C/groups, kh, kw] for a conv weight");
-  check_conv_geometry(x.sizes(), w_shape, stride, padding, dilation, groups, "x", "w_shape");
-  const int64_t O = w_shape[0], K = w_shape[1] * w_shape[2] * w_shape[3];
-  const LutArgs A = check_lut_args(x, w_packed, O, K, alpha, sa, ba, sw, bw, bits, w_signed,
-                                   rounding, bias, O, w_scale, w_offset);
+at::Tensor run_cpu(const ConvLutPlan& p) {
+  using namespace cpu;
+  const at::Tensor &x = p.x, &w_packed = p.w_packed;
+  const LutArgs& A = p.A;
+  const int64_t O = p.N, K = p.K, bits = p.bits;
+  const bool w_signed = p.w_signed;
   if (O == 0 || K == 0) {
     // No output channels, or empty dot products (the output is the bias).
-    const auto [Ho, Wo] = check_conv_geometry(x.sizes(), w_shape, stride, padding, dilation,
-                                              groups, "x", "w_shape");
     detail::fake_quantize_to_float(x, A.ta, "x");
-    at::Tensor y = at::zeros({x.size(0), O, Ho, Wo}, x.options().dtype(at::kFloat));
+    at::Tensor y = at::zeros(p.out_shape, x.options().dtype(at::kFloat));
     if (A.bias.defined()) y.add_(A.bias.view({1, O, 1, 1}));
     return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
   }
-  if (w_layout.has_value() && w_layout->defined()) {
-    if (groups == 1 && x.size(0) <= kFastConvBatch && active_isa() == Isa::kAvx512) {
+  if (p.w_layout.defined()) {
+    if (p.groups == 1 && x.size(0) <= kFastConvBatch && active_isa() == Isa::kAvx512) {
       // fast_conv2d validates the layout against this weight.
-      at::Tensor y = fast_conv2d(x, *w_layout, w_packed, w_shape, A.ta, A.tw, alpha, A.wc.scale,
-                                 A.wc.offset, w_signed, A.bias, stride, padding, dilation);
+      at::Tensor y = fast_conv2d(x, p.w_layout, w_packed, p.w_shape, A.ta, A.tw, p.alpha,
+                                 A.wc.scale, A.wc.offset, w_signed, A.bias, p.stride, p.padding,
+                                 p.dilation);
       note_lut_path(LutPath::kAvx512Conv);
       return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
     }
-    validate_layout(*w_layout, w_packed, O, K, bits, w_signed);
+    validate_layout(p.w_layout, w_packed, O, K, bits, w_signed);
   }
-  const RowTables T(A.tw, w_signed, A.wc, alpha);
+  const RowTables T(A.tw, w_signed, A.wc, p.alpha);
   note_lut_path(LutPath::kGemm);
   const at::Tensor xq = detail::fake_quantize_to_float(x, A.ta, "x");
-  const at::Tensor wq = decode_weight(w_packed, O, K, T).reshape(w_shape);
+  const at::Tensor wq = decode_weight(w_packed, O, K, T).reshape(p.w_shape);
   at::Tensor y = at::conv2d(xq, wq, A.bias.defined() ? c10::optional<at::Tensor>(A.bias)
                                                      : c10::nullopt,
-                            stride, padding, dilation, groups);
+                            p.stride, p.padding, p.dilation, p.groups);
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }
 
-}  // namespace cpu
 }  // namespace dnateq
+
+TORCH_LIBRARY_IMPL(dnateq, CPU, m) {
+  m.impl("exp_linear_lut", &dnateq::exp_linear_lut);
+  m.impl("exp_conv2d_lut", &dnateq::exp_conv2d_lut);
+  m.impl("exp_lut_layout", &dnateq::cpu::exp_lut_layout);
+}

@@ -33,10 +33,13 @@
 // sign * float32(S_n * alpha^e + beta_n) (float64 products, the CPU's
 // formula), then the native matmul / convolution; the fused GEMV serves the
 // per-tensor case only.
+#include <torch/library.h>
+
 #include <vector>
 
 #include "common/cuda_common.cuh"
-#include "cuda_ops.h"
+#include "lut/front.h"
+#include "pack/front.h"
 #include "lut/gemv.cuh"
 
 namespace dnateq {
@@ -152,7 +155,7 @@ void launch_gemv(int fb, const at::Tensor& xq, int M, const at::Tensor& packed,
 at::Tensor decode_per_channel(const at::Tensor& w_packed, int64_t rows, int64_t K,
                               int64_t bits, bool w_signed, double alpha,
                               const ChannelParams& wc, at::ScalarType dtype) {
-  const at::Tensor codes = dnateq::cuda::exp_unpack(w_packed, bits, w_signed, {rows, K});
+  const at::Tensor codes = dnateq::exp_unpack(w_packed, bits, w_signed, {rows, K});
   const at::Tensor u = codes.to(at::kInt).bitwise_and(0xFF);
   const at::Tensor mag = u.bitwise_and(kMagMask).to(at::kLong);
   const at::Tensor neg = u.bitwise_and(kSignBit).ne(0);
@@ -172,24 +175,18 @@ at::Tensor decode_per_channel(const at::Tensor& w_packed, int64_t rows, int64_t 
 }  // namespace
 }  // namespace detail
 
-at::Tensor exp_linear_lut(const at::Tensor& x, const at::Tensor& w_packed,
-                          at::IntArrayRef w_shape, double alpha, double sa,
-                          double ba, double sw, double bw, int64_t bits,
-                          bool /*a_signed: the float path handles any sign*/,
-                          bool w_signed, c10::string_view rounding,
-                          const c10::optional<at::Tensor>& bias,
-                          const c10::optional<at::Tensor>& w_scale,
-                          const c10::optional<at::Tensor>& w_offset,
-                          const c10::optional<at::Tensor>& /*w_layout: CPU fast path only*/) {
-  const auto [N, K] = check_linear_lut_shapes(x, w_shape);
-  const LutArgs A = check_lut_args(x, w_packed, N, K, alpha, sa, ba, sw, bw, bits, w_signed,
-                                   rounding, bias, N, w_scale, w_offset);
-  const c10::cuda::CUDAGuard guard(x.device());
-  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
-  out_shape.back() = N;
-  int64_t M = 1;
-  for (int64_t d = 0; d + 1 < x.dim(); ++d) M *= x.size(d);
+}  // namespace cuda
 
+at::Tensor run_cuda(const LutPlan& p) {
+  namespace detail = cuda::detail;
+  const at::Tensor &x = p.x, &w_packed = p.w_packed;
+  const LutArgs& A = p.A;
+  const int64_t N = p.N, K = p.K, M = p.M, bits = p.bits;
+  const bool w_signed = p.w_signed;
+  const double alpha = p.alpha;
+  const std::vector<int64_t>& out_shape = p.out_shape;
+  const c10::cuda::CUDAGuard guard(p.device);
+  // p.w_layout: the CPU fast path's layout, not read here.
   if (M >= 1 && M <= detail::kGemvMaxRows && K > 0 && N > 0 && !A.wc.defined()) {
     if (detail::gemv2_eligible(x, w_packed, M, N, K, bits, w_signed)) {
       return detail::gemv2(x, w_packed, M, N, K, A, w_signed).reshape(out_shape);
@@ -227,32 +224,21 @@ at::Tensor exp_linear_lut(const at::Tensor& x, const at::Tensor& w_packed,
   return y.to(x.scalar_type()).reshape(out_shape);
 }
 
-at::Tensor exp_conv2d_lut(const at::Tensor& x, const at::Tensor& w_packed,
-                          at::IntArrayRef w_shape, double alpha, double sa,
-                          double ba, double sw, double bw, int64_t bits,
-                          bool /*a_signed*/, bool w_signed,
-                          c10::string_view rounding,
-                          const c10::optional<at::Tensor>& bias,
-                          at::IntArrayRef stride, at::IntArrayRef padding,
-                          at::IntArrayRef dilation, int64_t groups,
-                          const c10::optional<at::Tensor>& w_scale,
-                          const c10::optional<at::Tensor>& w_offset,
-                          const c10::optional<at::Tensor>& /*w_layout: CPU fast path only*/) {
-  check_w_shape(w_shape, 4, "[O, C/groups, kh, kw] for a conv weight");
-  check_conv_geometry(x.sizes(), w_shape, stride, padding, dilation, groups, "x", "w_shape");
-  const int64_t O = w_shape[0], K = w_shape[1] * w_shape[2] * w_shape[3];
-  const LutArgs A = check_lut_args(x, w_packed, O, K, alpha, sa, ba, sw, bw, bits, w_signed,
-                                   rounding, bias, O, w_scale, w_offset);
-  const c10::cuda::CUDAGuard guard(x.device());
+at::Tensor run_cuda(const ConvLutPlan& p) {
+  namespace detail = cuda::detail;
+  const at::Tensor &x = p.x, &w_packed = p.w_packed;
+  const LutArgs& A = p.A;
+  const int64_t O = p.N, K = p.K, bits = p.bits;
+  const bool w_signed = p.w_signed;
+  const double alpha = p.alpha;
+  const c10::cuda::CUDAGuard guard(p.device);
   const at::ScalarType dt = x.scalar_type();
   auto& ctx = at::globalContext();
   detail::FiniteCheck finite(x);
   if (O == 0 || K == 0) {
     // No output channels, or empty dot products (the output is the bias).
-    const auto [Ho, Wo] = check_conv_geometry(x.sizes(), w_shape, stride, padding, dilation,
-                                              groups, "x", "w_shape");
     detail::fake_quantize(x, A.ta, dt, finite.ptr());
-    at::Tensor y = at::zeros({x.size(0), O, Ho, Wo}, x.options().dtype(at::kFloat));
+    at::Tensor y = at::zeros(p.out_shape, x.options().dtype(at::kFloat));
     if (A.bias.defined()) y.add_(A.bias.view({1, O, 1, 1}));
     finite.check("x");
     return y.to(dt);
@@ -262,19 +248,23 @@ at::Tensor exp_conv2d_lut(const at::Tensor& x, const at::Tensor& w_packed,
       (A.wc.defined()
            ? detail::decode_per_channel(w_packed, O, K, bits, w_signed, alpha, A.wc, at::kFloat)
            : detail::decode_packed(w_packed, O, K, A.tw, w_signed, at::kFloat))
-          .reshape(w_shape);
+          .reshape(p.w_shape);
   // at::conv2d would let cuDNN use TF32 (allow_tf32 defaults to True for
   // convolutions): errors of ~3e-4 x max, beyond SPEC section 4's float32
   // tolerance. _convolution takes allow_tf32 as an argument.
   const int64_t zero_pad[2] = {0, 0};
   at::Tensor y = at::_convolution(
-      xq, wq, A.bias.defined() ? c10::optional<at::Tensor>(A.bias) : c10::nullopt, stride,
-      padding, dilation, /*transposed=*/false, zero_pad, groups, ctx.benchmarkCuDNN(),
+      xq, wq, A.bias.defined() ? c10::optional<at::Tensor>(A.bias) : c10::nullopt, p.stride,
+      p.padding, p.dilation, /*transposed=*/false, zero_pad, p.groups, ctx.benchmarkCuDNN(),
       ctx.deterministicCuDNN() || ctx.deterministicAlgorithms(), ctx.userEnabledCuDNN(),
       /*allow_tf32=*/false);
   finite.check("x");
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }
 
-}  // namespace cuda
 }  // namespace dnateq
+
+TORCH_LIBRARY_IMPL(dnateq, CUDA, m) {
+  m.impl("exp_linear_lut", &dnateq::exp_linear_lut);
+  m.impl("exp_conv2d_lut", &dnateq::exp_conv2d_lut);
+}

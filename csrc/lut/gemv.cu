@@ -48,7 +48,7 @@
 #include <cstring>
 
 #include "lut/gemv.cuh"
-#include "cuda_ops.h"
+#include "checks.h"
 
 namespace dnateq {
 namespace cuda {

@@ -1,12 +1,13 @@
-// exp_pack / exp_unpack on the CPU, and the packed-weight decoder used by
-// the LUT operators. Layout (SPEC section 1): d0 rows of K fields of b bits,
+// exp_pack / exp_unpack on the CPU (run_cpu of the plans of pack/front.h),
+// and the packed-weight decoder used by the LUT operators. Layout (SPEC section 1): d0 rows of K fields of b bits,
 // LSB-first into little-endian 32-bit words, each row 4-byte aligned.
 #include <ATen/Parallel.h>
+#include <torch/library.h>
 
 #include <atomic>
 
 #include "checks.h"
-#include "ops.h"
+#include "pack/front.h"
 #include "common/cpu_kernels.h"
 
 namespace dnateq {
@@ -41,16 +42,16 @@ at::Tensor decode_packed_to_float(const at::Tensor& packed_in, int64_t rows,
 
 }  // namespace detail
 
-at::Tensor exp_pack(const at::Tensor& codes_in, int64_t bits, bool is_signed) {
-  check_codes(codes_in, "codes");
-  check_bits(bits);
-  const auto [rows, K] = packed_dims(codes_in.sizes());
+}  // namespace cpu
+
+int run_cpu(const PackPlan& p) {
+  using cpu::kGroup;
+  const int64_t rows = p.rows, K = p.K, bits = p.bits;
+  const bool is_signed = p.is_signed;
   const int b = packed_field_bits(static_cast<int>(bits), is_signed);
-  const int64_t rb = packed_row_bytes(K, static_cast<int>(bits), is_signed);
-  const at::Tensor codes = codes_in.contiguous();
-  at::Tensor out = at::zeros({rows, rb}, codes.options().dtype(at::kByte));
-  const uint8_t* src = reinterpret_cast<const uint8_t*>(codes.const_data_ptr<int8_t>());
-  uint8_t* dst = out.data_ptr<uint8_t>();
+  const int64_t rb = p.out.size(1);
+  const uint8_t* src = reinterpret_cast<const uint8_t*>(p.codes.const_data_ptr<int8_t>());
+  uint8_t* dst = p.out.data_ptr<uint8_t>();
   const int max_mag = num_levels(static_cast<int>(bits));
   const int64_t groups = (K + kGroup - 1) / kGroup;
   std::atomic<int> bad{0};  // 1: bits above n set; 2: sign in unsigned
@@ -85,35 +86,30 @@ at::Tensor exp_pack(const at::Tensor& codes_in, int64_t bits, bool is_signed) {
     }
     if (local) bad |= local;
   });
-  TORCH_CHECK(!(bad.load() & 1), "dnateq: codes has bits above bit ", bits - 1,
-              " set, which is not a valid code for bits=", bits);
-  TORCH_CHECK(!(bad.load() & 2),
-              "dnateq: codes has negative codes (sign bit set) but signed=False; "
-              "pack signed tensors with signed=True");
-  return out;
+  return bad.load();
 }
 
-at::Tensor exp_unpack(const at::Tensor& packed_in, int64_t bits, bool is_signed,
-                      at::IntArrayRef shape) {
-  const auto [rows, K] = check_unpack_args(packed_in, bits, is_signed, shape);
-  const at::Tensor packed = packed_in.contiguous();
-  const int b = packed_field_bits(static_cast<int>(bits), is_signed);
+void run_cpu(const UnpackPlan& p) {
+  const int64_t K = p.K;
+  const int b = packed_field_bits(static_cast<int>(p.bits), p.is_signed);
   int8_t lut[256];
   for (uint32_t f = 0; f < (1u << b); ++f) {
-    lut[f] = static_cast<int8_t>(field_to_code(f, static_cast<int>(bits), is_signed));
+    lut[f] = static_cast<int8_t>(field_to_code(f, static_cast<int>(p.bits), p.is_signed));
   }
-  at::Tensor out = at::empty(shape, packed.options().dtype(at::kChar));
-  const uint8_t* src = packed.const_data_ptr<uint8_t>();
-  int8_t* dst = out.data_ptr<int8_t>();
-  const int64_t rb = packed.size(1);
-  at::parallel_for(0, rows, std::max<int64_t>(1, 65536 / std::max<int64_t>(K, 1)),
+  const uint8_t* src = p.packed.const_data_ptr<uint8_t>();
+  int8_t* dst = p.out.data_ptr<int8_t>();
+  const int64_t rb = p.packed.size(1);
+  at::parallel_for(0, p.rows, std::max<int64_t>(1, 65536 / std::max<int64_t>(K, 1)),
                    [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      detail::decode_row(src + r * rb, K, b, lut, dst + r * K);
+      cpu::detail::decode_row(src + r * rb, K, b, lut, dst + r * K);
     }
   });
-  return out;
 }
 
-}  // namespace cpu
 }  // namespace dnateq
+
+TORCH_LIBRARY_IMPL(dnateq, CPU, m) {
+  m.impl("exp_pack", &dnateq::exp_pack);
+  m.impl("exp_unpack", &dnateq::exp_unpack);
+}

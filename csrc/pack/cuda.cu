@@ -3,8 +3,10 @@
 // (b = n + 1 signed, n unsigned), LSB-first into little-endian 32-bit words,
 // each row starting on a 4-byte boundary. CUDA devices are little-endian, so
 // a uint32 store writes the word's bytes in the packed order.
+#include <torch/library.h>
+
 #include "common/cuda_common.cuh"
-#include "cuda_ops.h"
+#include "pack/front.h"
 
 namespace dnateq {
 namespace cuda {
@@ -119,48 +121,37 @@ at::Tensor decode_packed(const at::Tensor& packed_in, int64_t rows, int64_t K,
 
 }  // namespace detail
 
-at::Tensor exp_pack(const at::Tensor& codes_in, int64_t bits, bool is_signed) {
-  check_codes(codes_in, "codes");
-  check_bits(bits);
-  const auto [rows, K] = packed_dims(codes_in.sizes());
-  const int64_t rb = packed_row_bytes(K, static_cast<int>(bits), is_signed);
-  const c10::cuda::CUDAGuard guard(codes_in.device());
-  const at::Tensor codes = codes_in.contiguous();
-  at::Tensor out = at::empty({rows, rb}, codes.options().dtype(at::kByte));
-  const int64_t words = rows * (rb / 4);
-  if (words == 0) return out;
-  detail::DeviceFlag bad(codes);
-  auto stream = at::cuda::getCurrentCUDAStream();
-  const int64_t grid = detail::grid_for(words, detail::kThreads);
-  detail::pack_kernel<<<grid, detail::kThreads, 0, stream>>>(
-      reinterpret_cast<const uint8_t*>(codes.const_data_ptr<int8_t>()),
-      reinterpret_cast<uint32_t*>(out.data_ptr<uint8_t>()), rows, K, rb / 4,
-      static_cast<int>(bits), is_signed, bad.ptr());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  const int flags = bad.value();
-  TORCH_CHECK(!(flags & 1), "dnateq: codes has bits above bit ", bits - 1,
-              " set, which is not a valid code for bits=", bits);
-  TORCH_CHECK(!(flags & 2),
-              "dnateq: codes has negative codes (sign bit set) but signed=False; "
-              "pack signed tensors with signed=True");
-  return out;
-}
-
-at::Tensor exp_unpack(const at::Tensor& packed_in, int64_t bits, bool is_signed,
-                      at::IntArrayRef shape) {
-  const auto [rows, K] = check_unpack_args(packed_in, bits, is_signed, shape);
-  const c10::cuda::CUDAGuard guard(packed_in.device());
-  const at::Tensor packed = packed_in.contiguous();
-  at::Tensor out = at::empty(shape, packed.options().dtype(at::kChar));
-  if (rows * K == 0) return out;
-  auto stream = at::cuda::getCurrentCUDAStream();
-  const int64_t grid = detail::grid_for(rows * K, detail::kThreads);
-  detail::unpack_kernel<<<grid, detail::kThreads, 0, stream>>>(
-      packed.const_data_ptr<uint8_t>(), out.data_ptr<int8_t>(), rows, K,
-      packed.size(1), static_cast<int>(bits), is_signed);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return out;
-}
-
 }  // namespace cuda
+
+int run_cuda(const PackPlan& p) {
+  namespace d = cuda::detail;
+  const c10::cuda::CUDAGuard guard(p.device);
+  const int64_t words_per_row = p.out.size(1) / 4;
+  d::DeviceFlag bad(p.codes);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  const int64_t grid = d::grid_for(p.rows * words_per_row, d::kThreads);
+  d::pack_kernel<<<grid, d::kThreads, 0, stream>>>(
+      reinterpret_cast<const uint8_t*>(p.codes.const_data_ptr<int8_t>()),
+      reinterpret_cast<uint32_t*>(p.out.data_ptr<uint8_t>()), p.rows, p.K, words_per_row,
+      static_cast<int>(p.bits), p.is_signed, bad.ptr());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return bad.value();
+}
+
+void run_cuda(const UnpackPlan& p) {
+  namespace d = cuda::detail;
+  const c10::cuda::CUDAGuard guard(p.device);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  const int64_t grid = d::grid_for(p.rows * p.K, d::kThreads);
+  d::unpack_kernel<<<grid, d::kThreads, 0, stream>>>(
+      p.packed.const_data_ptr<uint8_t>(), p.out.data_ptr<int8_t>(), p.rows, p.K,
+      p.packed.size(1), static_cast<int>(p.bits), p.is_signed);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 }  // namespace dnateq
+
+TORCH_LIBRARY_IMPL(dnateq, CUDA, m) {
+  m.impl("exp_pack", &dnateq::exp_pack);
+  m.impl("exp_unpack", &dnateq::exp_unpack);
+}

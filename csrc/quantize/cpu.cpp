@@ -1,18 +1,19 @@
-// exp_quantize / exp_dequantize on the CPU, plus the block quantizer shared
-// with the LUT operators.
+// exp_quantize / exp_dequantize on the CPU (run_cpu of the plans of
+// quantize/front.h), plus the block quantizer shared with the LUT operators.
 #include <ATen/Parallel.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cfloat>
 
 #include "checks.h"
-#include "ops.h"
 #include "quantize/bucket_encoder.h"
 #include "quantize/compare_encoder.h"
 #include "common/cpu_kernels.h"
 #include "lut/fast_layout.h"
 #include "lut/fast_lut.h"
+#include "quantize/front.h"
 
 namespace dnateq {
 namespace cpu {
@@ -190,37 +191,26 @@ at::Tensor fake_quantize_to_float(const at::Tensor& x_in, const ExpTables& t,
 
 }  // namespace detail
 
-at::Tensor exp_quantize(const at::Tensor& x_in, double alpha, double scale,
-                        double offset, int64_t bits, c10::string_view rounding,
-                        bool /*check_finite: always on for the CPU*/) {
-  check_float_input(x_in, "x");
-  ExpTables t;
-  make_checked_tables(t, alpha, scale, offset, bits, parse_rounding(rounding),
-                      "scale", "offset");
-  const at::Tensor x = x_in.contiguous();
-  at::Tensor out = at::empty(x.sizes(), x.options().dtype(at::kChar));
-  const bool ok = detail::encode_tensor(x, t, out.data_ptr<int8_t>(),
-                                        detail::compare_encode_codes,
-                                        detail::bucket_encode_codes, detail::encode_block);
-  TORCH_CHECK(ok,
-              "dnateq: x contains non-finite values (NaN or Inf); "
-              "exp_quantize needs finite input");
-  return out;
+}  // namespace cpu
+
+bool run_cpu(const QuantizePlan& p) {
+  // The CPU always checks for non-finite input (check_finite only lets CUDA
+  // skip its host synchronization).
+  return cpu::detail::encode_tensor(p.x, p.t, p.out.data_ptr<int8_t>(),
+                                    cpu::detail::compare_encode_codes,
+                                    cpu::detail::bucket_encode_codes, cpu::detail::encode_block);
 }
 
-at::Tensor exp_dequantize(const at::Tensor& codes_in, double alpha,
-                          double scale, double offset, int64_t bits,
-                          at::ScalarType dtype) {
-  const ExpTables t = check_dequantize_args(codes_in, alpha, scale, offset, bits, dtype);
+bool run_cpu(const DequantizePlan& p) {
   float lut[256];  // indexed by the code byte
-  code_values(t, lut);
-  const int max_mag = num_levels(static_cast<int>(bits));
-  const at::Tensor codes = codes_in.contiguous();
-  at::Tensor outf = at::empty(codes.sizes(), codes.options().dtype(at::kFloat));
-  const uint8_t* c = reinterpret_cast<const uint8_t*>(codes.const_data_ptr<int8_t>());
+  code_values(p.t, lut);
+  const int max_mag = num_levels(p.t.bits);
+  const bool f32 = p.out.scalar_type() == at::kFloat;
+  at::Tensor outf = f32 ? p.out : at::empty(p.codes.sizes(), p.codes.options().dtype(at::kFloat));
+  const uint8_t* c = reinterpret_cast<const uint8_t*>(p.codes.const_data_ptr<int8_t>());
   float* o = outf.data_ptr<float>();
   std::atomic<bool> ok{true};
-  at::parallel_for(0, codes.numel(), 1 << 14, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, p.codes.numel(), 1 << 14, [&](int64_t b0, int64_t b1) {
     bool good = true;
     for (int64_t i = b0; i < b1; ++i) {
       o[i] = lut[c[i]];
@@ -228,10 +218,13 @@ at::Tensor exp_dequantize(const at::Tensor& codes_in, double alpha,
     }
     if (!good) ok = false;
   });
-  TORCH_CHECK(ok.load(), "dnateq: codes has bits above bit ", bits - 1,
-              " set, which is not a valid code for bits=", bits);
-  return dtype == at::kFloat ? outf : outf.to(dtype);
+  if (!f32) p.out.copy_(outf);
+  return ok.load();
 }
 
-}  // namespace cpu
 }  // namespace dnateq
+
+TORCH_LIBRARY_IMPL(dnateq, CPU, m) {
+  m.impl("exp_quantize", &dnateq::exp_quantize);
+  m.impl("exp_dequantize", &dnateq::exp_dequantize);
+}

@@ -1,9 +1,11 @@
-// exp_quantize / exp_dequantize on CUDA, and the fake-quant kernels used by
-// the LUT operators. Codes are decided by dnateq::encode (csrc/format.h) on
+// exp_quantize / exp_dequantize on CUDA (run_cuda of the plans of
+// quantize/front.h), and the fake-quant kernels used by the LUT operators. Codes are decided by dnateq::encode (csrc/format.h) on
 // float32 thresholds computed on the host by make_tables, so CPU and CUDA
 // agree bit for bit.
+#include <torch/library.h>
+
 #include "common/cuda_common.cuh"
-#include "cuda_ops.h"
+#include "quantize/front.h"
 
 namespace dnateq {
 namespace cuda {
@@ -212,55 +214,45 @@ at::Tensor fake_quantize_padded_f32(const at::Tensor& x_in, const ExpTables& t,
 
 }  // namespace detail
 
-at::Tensor exp_quantize(const at::Tensor& x_in, double alpha, double scale,
-                        double offset, int64_t bits, c10::string_view rounding,
-                        bool check_finite) {
-  check_float_input(x_in, "x");
-  ExpTables t;
-  make_checked_tables(t, alpha, scale, offset, bits, parse_rounding(rounding),
-                      "scale", "offset");
-  const c10::cuda::CUDAGuard guard(x_in.device());
-  const at::Tensor x = x_in.contiguous();
-  at::Tensor out = at::empty(x.sizes(), x.options().dtype(at::kChar));
-  if (x.numel() == 0) return out;
-  const detail::ThresholdArgs thr = detail::threshold_args(t);
-  if (check_finite) {
-    detail::DeviceFlag bad(x);
-    DNATEQ_DISPATCH_FLOAT(x.scalar_type(), T, [&] {
-      detail::launch_quantize<T>(x, out, thr, bad.ptr());
-    });
-    TORCH_CHECK(bad.value() == 0,
-                "dnateq: x contains non-finite values (NaN or Inf); "
-                "exp_quantize needs finite input");
-  } else {
-    DNATEQ_DISPATCH_FLOAT(x.scalar_type(), T, [&] {
-      detail::launch_quantize<T>(x, out, thr, nullptr);
-    });
-  }
-  return out;
-}
-
-at::Tensor exp_dequantize(const at::Tensor& codes_in, double alpha,
-                          double scale, double offset, int64_t bits,
-                          at::ScalarType dtype) {
-  const ExpTables t = check_dequantize_args(codes_in, alpha, scale, offset, bits, dtype);
-  // 256-entry table indexed by the code byte, as on the CPU; codes with bits
-  // n..6 set read 0 here and raise below.
-  const int max_mag = num_levels(static_cast<int>(bits));
-  detail::Lut256 lut;
-  code_values(t, lut.v);
-  const c10::cuda::CUDAGuard guard(codes_in.device());
-  const at::Tensor codes = codes_in.contiguous();
-  at::Tensor out = at::empty(codes.sizes(), codes.options().dtype(dtype));
-  if (codes.numel() == 0) return out;
-  detail::DeviceFlag bad(codes);
-  DNATEQ_DISPATCH_FLOAT(dtype, T, [&] {
-    detail::launch_dequantize<T>(codes, out, lut, max_mag, bad.ptr());
-  });
-  TORCH_CHECK(bad.value() == 0, "dnateq: codes has bits above bit ", bits - 1,
-              " set, which is not a valid code for bits=", bits);
-  return out;
-}
-
 }  // namespace cuda
+
+bool run_cuda(const QuantizePlan& p) {
+  namespace d = cuda::detail;
+  const c10::cuda::CUDAGuard guard(p.device);
+  const d::ThresholdArgs thr = d::threshold_args(p.t);
+  if (!p.check_finite) {
+    DNATEQ_DISPATCH_FLOAT(p.x.scalar_type(), T, [&] {
+      at::Tensor out = p.out;
+      d::launch_quantize<T>(p.x, out, thr, nullptr);
+    });
+    return true;
+  }
+  d::DeviceFlag bad(p.x);
+  DNATEQ_DISPATCH_FLOAT(p.x.scalar_type(), T, [&] {
+    at::Tensor out = p.out;
+    d::launch_quantize<T>(p.x, out, thr, bad.ptr());
+  });
+  return bad.value() == 0;
+}
+
+bool run_cuda(const DequantizePlan& p) {
+  namespace d = cuda::detail;
+  // 256-entry table indexed by the code byte, as on the CPU; codes with bits
+  // n..6 set read 0 here and are reported.
+  d::Lut256 lut;
+  code_values(p.t, lut.v);
+  const c10::cuda::CUDAGuard guard(p.device);
+  d::DeviceFlag bad(p.codes);
+  DNATEQ_DISPATCH_FLOAT(p.out.scalar_type(), T, [&] {
+    at::Tensor out = p.out;
+    d::launch_dequantize<T>(p.codes, out, lut, num_levels(p.t.bits), bad.ptr());
+  });
+  return bad.value() == 0;
+}
+
 }  // namespace dnateq
+
+TORCH_LIBRARY_IMPL(dnateq, CUDA, m) {
+  m.impl("exp_quantize", &dnateq::exp_quantize);
+  m.impl("exp_dequantize", &dnateq::exp_dequantize);
+}
