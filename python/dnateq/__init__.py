@@ -6,8 +6,7 @@ and registers their fake kernels so that ``torch.compile`` can trace them.
 import torch  # noqa: F401  (loads libtorch before the extension)
 
 from . import _C  # noqa: F401  registers the operators (TORCH_LIBRARY)
-from . import _meta  # noqa: F401  fake kernels for torch.compile / export
-from . import ops, reference
+from . import ops, reference  # ops also registers the fake kernels (beside each wrapper)
 from .ops import (exp_conv2d_count, exp_conv2d_lut, exp_dequantize, exp_error,
                   exp_errors, exp_fit, exp_fits, exp_linear_count, exp_linear_lut,
                   exp_lut_layout, exp_pack, exp_quantize, exp_unpack, weight_terms)

@@ -1,9 +1,22 @@
-"""Python entry points of the dnateq operators (SPEC section 5).
+"""Python entry points of the dnateq operators (SPEC section 5), one section
+per operator family (as csrc/<family>/), each wrapper with its fake kernel
+right under it.
 
 Each function calls the registered ``torch.ops.dnateq`` operator, so it runs
 on the tensor's device (CPU, or CUDA when built with it) and traces under
 ``torch.compile``. ``dnateq.reference`` holds the pure-PyTorch oracle with the
 same signatures.
+
+Fake (meta) kernels give output shapes and dtypes without computing, so that
+``torch.compile`` / ``torch.export`` trace modules that call the operators.
+Each first runs the same argument checks as the op's C++ front
+(csrc/<family>/front.h), in the same order and with the same messages
+(:mod:`dnateq._checks`, the transcription of ``csrc/checks.h``, pinned to it by
+tests/test_fake_checks.py), so a bad call fails at trace time with the message
+the eager call gives. Checks that need the values (code ranges, non-finite
+input or bias, per-channel parameter values) run in the real kernels only.
+The calibration ops ``exp_fit`` and ``exp_error`` return Python floats that
+depend on the data: they cannot be traced and say so.
 """
 from __future__ import annotations
 
@@ -12,7 +25,19 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
+from . import _checks as C
+
 _ops = torch.ops.dnateq
+
+
+def _fake(name):
+    """Registers the decorated function as the fake kernel of ``dnateq::name``."""
+    return torch.library.register_fake("dnateq::" + name)
+
+
+# ---------------------------------------------------------------------------
+# quantize family (csrc/quantize/)
+# ---------------------------------------------------------------------------
 
 
 def exp_quantize(x: torch.Tensor, alpha: float, scale: float, offset: float, bits: int,
@@ -26,10 +51,29 @@ def exp_quantize(x: torch.Tensor, alpha: float, scale: float, offset: float, bit
     return _ops.exp_quantize(x, alpha, scale, offset, bits, rounding, check_finite)
 
 
+@_fake("exp_quantize")
+def _exp_quantize_fake(x, alpha, scale, offset, bits, rounding="nearest", check_finite=True):
+    C.check_float_input(x, "x")
+    C.parse_rounding(rounding)
+    C.make_checked_tables(alpha, scale, offset, bits, rounding, "scale", "offset")
+    return torch.empty_like(x, dtype=torch.int8, memory_format=torch.contiguous_format)
+
+
 def exp_dequantize(codes: torch.Tensor, alpha: float, scale: float, offset: float,
                    bits: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Dequantize int8 codes: ``x_hat = s * (S * alpha^e + beta)``, zero code -> 0."""
     return _ops.exp_dequantize(codes, alpha, scale, offset, bits, dtype)
+
+
+@_fake("exp_dequantize")
+def _exp_dequantize_fake(codes, alpha, scale, offset, bits, dtype=torch.float32):
+    C.check_dequantize_args(codes, alpha, scale, offset, bits, dtype)
+    return torch.empty_like(codes, dtype=dtype, memory_format=torch.contiguous_format)
+
+
+# ---------------------------------------------------------------------------
+# pack family (csrc/pack/)
+# ---------------------------------------------------------------------------
 
 
 def exp_pack(codes: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
@@ -37,10 +81,29 @@ def exp_pack(codes: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
     return _ops.exp_pack(codes, bits, signed)
 
 
+@_fake("exp_pack")
+def _exp_pack_fake(codes, bits, signed):
+    C.check_codes(codes, "codes")
+    C.check_bits(bits)
+    rows, k = C.packed_dims(codes.shape)
+    return codes.new_empty((rows, C.packed_row_bytes(k, bits, signed)), dtype=torch.uint8)
+
+
 def exp_unpack(packed: torch.Tensor, bits: int, signed: bool,
                shape: Sequence[int]) -> torch.Tensor:
     """Inverse of :func:`exp_pack`: int8 codes of the given ``shape``."""
     return _ops.exp_unpack(packed, bits, signed, list(shape))
+
+
+@_fake("exp_unpack")
+def _exp_unpack_fake(packed, bits, signed, shape):
+    C.check_unpack_args(packed, bits, signed, shape)
+    return packed.new_empty(shape, dtype=torch.int8)
+
+
+# ---------------------------------------------------------------------------
+# count family (csrc/count/)
+# ---------------------------------------------------------------------------
 
 
 def exp_linear_count(a_codes: torch.Tensor, w_codes: torch.Tensor, alpha: float,
@@ -63,6 +126,15 @@ def exp_linear_count(a_codes: torch.Tensor, w_codes: torch.Tensor, alpha: float,
                                  counter_bits, w_terms, *_channel(w_scale, w_offset))
 
 
+@_fake("exp_linear_count")
+def _exp_linear_count_fake(a_codes, w_codes, alpha, sa, ba, sw, bw, bits, bias, counter_bits,
+                           w_terms=None, w_scale=None, w_offset=None):
+    n, _ = C.check_linear_count_shapes(a_codes, w_codes)
+    C.check_count_args(a_codes, w_codes, alpha, sa, ba, sw, bw, bits, bias, counter_bits,
+                       w_terms, n, w_scale, w_offset)
+    return a_codes.new_empty((*a_codes.shape[:-1], n), dtype=torch.float32)
+
+
 def exp_conv2d_count(a_codes: torch.Tensor, w_codes: torch.Tensor, alpha: float,
                      sa: float, ba: float, sw: float, bw: float, bits: int,
                      bias: Optional[torch.Tensor] = None, stride=(1, 1), padding=(0, 0),
@@ -76,6 +148,23 @@ def exp_conv2d_count(a_codes: torch.Tensor, w_codes: torch.Tensor, alpha: float,
     return _ops.exp_conv2d_count(a_codes, w_codes, alpha, sa, ba, sw, bw, bits, bias,
                                  _pair(stride), _pair(padding), _pair(dilation), groups,
                                  counter_bits, w_terms, *_channel(w_scale, w_offset))
+
+
+@_fake("exp_conv2d_count")
+def _exp_conv2d_count_fake(a_codes, w_codes, alpha, sa, ba, sw, bw, bits, bias, stride, padding,
+                           dilation, groups, counter_bits, w_terms=None, w_scale=None,
+                           w_offset=None):
+    ho, wo = C.check_conv_geometry(a_codes.shape, w_codes.shape, stride, padding, dilation,
+                                   groups, "a_codes", "w_codes")
+    o = w_codes.shape[0]
+    C.check_count_args(a_codes, w_codes, alpha, sa, ba, sw, bw, bits, bias, counter_bits,
+                       w_terms, o, w_scale, w_offset)
+    return a_codes.new_empty((a_codes.shape[0], o, ho, wo), dtype=torch.float32)
+
+
+# ---------------------------------------------------------------------------
+# LUT family (csrc/lut/)
+# ---------------------------------------------------------------------------
 
 
 def exp_linear_lut(x: torch.Tensor, w_packed: torch.Tensor, w_shape: Sequence[int],
@@ -97,6 +186,15 @@ def exp_linear_lut(x: torch.Tensor, w_packed: torch.Tensor, w_shape: Sequence[in
                                **_lut_extra(w_scale, w_offset, w_layout))
 
 
+@_fake("exp_linear_lut")
+def _exp_linear_lut_fake(x, w_packed, w_shape, alpha, sa, ba, sw, bw, bits, a_signed, w_signed,
+                         rounding, bias, w_scale=None, w_offset=None, w_layout=None):
+    n, k = C.check_linear_lut_shapes(x, w_shape)
+    C.check_lut_args(x, w_packed, n, k, alpha, sa, ba, sw, bw, bits, w_signed, rounding, bias,
+                     n, w_scale, w_offset)
+    return x.new_empty((*x.shape[:-1], n))
+
+
 def exp_conv2d_lut(x: torch.Tensor, w_packed: torch.Tensor, w_shape: Sequence[int],
                    alpha: float, sa: float, ba: float, sw: float, bw: float, bits: int,
                    a_signed: bool, w_signed: bool, rounding: str = "nearest",
@@ -112,6 +210,19 @@ def exp_conv2d_lut(x: torch.Tensor, w_packed: torch.Tensor, w_shape: Sequence[in
                                **_lut_extra(w_scale, w_offset, w_layout))
 
 
+@_fake("exp_conv2d_lut")
+def _exp_conv2d_lut_fake(x, w_packed, w_shape, alpha, sa, ba, sw, bw, bits, a_signed, w_signed,
+                         rounding, bias, stride, padding, dilation, groups, w_scale=None,
+                         w_offset=None, w_layout=None):
+    C.check_w_shape(w_shape, 4, "[O, C/groups, kh, kw] for a conv weight")
+    ho, wo = C.check_conv_geometry(x.shape, w_shape, stride, padding, dilation, groups, "x",
+                                   "w_shape")
+    o, k = w_shape[0], w_shape[1] * w_shape[2] * w_shape[3]
+    C.check_lut_args(x, w_packed, o, k, alpha, sa, ba, sw, bw, bits, w_signed, rounding, bias,
+                     o, w_scale, w_offset)
+    return x.new_empty((x.shape[0], o, ho, wo))
+
+
 def exp_lut_layout(w_packed: torch.Tensor, w_shape: Sequence[int], bits: int,
                    signed: bool) -> torch.Tensor:
     """The offline weight layout of the LUT fast path (SPEC section 9), built from
@@ -123,6 +234,19 @@ def exp_lut_layout(w_packed: torch.Tensor, w_shape: Sequence[int], bits: int,
         raise RuntimeError(f"dnateq: exp_lut_layout is the CPU fast path's layout; build it "
                            f"from w_packed on the CPU (got a tensor on {w_packed.device})")
     return _ops.exp_lut_layout(w_packed, list(w_shape), bits, signed)
+
+
+@_fake("exp_lut_layout")
+def _exp_lut_layout_fake(w_packed, w_shape, bits, signed):
+    C.check_bits(bits)
+    rows, K = C.packed_dims(w_shape)
+    C.check_packed(w_packed, rows, K, bits, signed, "w_packed")
+    b = bits + 1 if signed else bits
+    if bits <= 5:
+        row_bytes = -(-K // 32) * (16 + 4 * max(b - 4, 0))
+    else:
+        row_bytes = -(-K // 64) * 64
+    return w_packed.new_empty((64 + rows * row_bytes,), dtype=torch.uint8)
 
 
 LAYOUT_VERSION = 1
@@ -143,6 +267,12 @@ def last_lut_path() -> str:
     return _ops._lut_path()
 
 
+
+# ---------------------------------------------------------------------------
+# fit family (csrc/fit/)
+# ---------------------------------------------------------------------------
+
+
 def exp_fit(x: torch.Tensor, bits: int, search: str = "golden", rounding: str = "nearest",
             alpha: Optional[float] = None) -> Tuple[float, float, float, float]:
     """Fit ``(alpha, scale, offset, rmae)`` to one tensor (SPEC section 2).
@@ -159,6 +289,19 @@ def exp_error(x: torch.Tensor, alpha: float, scale: float, offset: float, bits: 
     return _ops.exp_error(x, alpha, scale, offset, bits, rounding)
 
 
+
+def _data_dependent(name):
+    def fake(*args, **kwargs):
+        raise RuntimeError(
+            f"dnateq: {name} returns data-dependent Python floats and cannot be traced "
+            f"by torch.compile/export; call it eagerly (calibration is offline)")
+    return fake
+
+
+_fake("exp_fit")(_data_dependent("exp_fit"))
+_fake("exp_error")(_data_dependent("exp_error"))
+
+
 def exp_errors(x: torch.Tensor, alpha: Sequence[float], scale: Sequence[float],
                offset: Sequence[float], bits: int, rounding: str = "nearest") -> torch.Tensor:
     """Exact RMAE of many candidate parameter sets on one tensor (float64 ``[C]``).
@@ -168,6 +311,18 @@ def exp_errors(x: torch.Tensor, alpha: Sequence[float], scale: Sequence[float],
     """
     return _ops.exp_errors(x, [float(a) for a in alpha], [float(s) for s in scale],
                            [float(o) for o in offset], bits, rounding)
+
+
+@_fake("exp_errors")
+def _exp_errors_fake(x, alpha, scale, offset, bits, rounding="nearest"):
+    C._check(len(alpha) == len(scale) == len(offset),
+             lambda: f"dnateq: alpha, scale and offset must have the same length, got "
+                     f"{len(alpha)}, {len(scale)}, {len(offset)}")
+    C.parse_rounding(rounding)
+    for a, s, o in zip(alpha, scale, offset):
+        C.make_checked_tables(a, s, o, bits, rounding, "scale", "offset")
+    C.check_float_input(x, "x")
+    return x.new_empty((len(alpha),), dtype=torch.float64, device="cpu")
 
 
 def exp_fits(x: torch.Tensor, bits: Sequence[int], search: str = "golden",
@@ -180,6 +335,29 @@ def exp_fits(x: torch.Tensor, bits: Sequence[int], search: str = "golden",
     """
     return _ops.exp_fits(x.cpu() if x.is_cuda else x, [int(b) for b in bits], search, rounding,
                          None if alpha is None else [float(a) for a in alpha])
+
+
+@_fake("exp_fits")
+def _exp_fits_fake(x, bits, search="golden", rounding="nearest", alpha=None):
+    C._check(len(bits) > 0, "dnateq: bits must list at least one bit width")
+    for b in bits:
+        C.check_bits(b)
+    C.parse_rounding(rounding)
+    C._check(search in ("golden", "paper"),
+             lambda: f'dnateq: search must be "golden" or "paper", got "{search}"')
+    if alpha is not None:
+        C._check(len(alpha) == len(bits),
+                 lambda: f"dnateq: alpha must have one value per bit width, got {len(alpha)} "
+                         f"values for {len(bits)} bit widths")
+        for a in alpha:
+            C.check_alpha(a)
+    C.check_float_input(x, "x")
+    return x.new_empty((len(bits), 4), dtype=torch.float64, device="cpu")
+
+
+# ---------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------
 
 
 def weight_terms(w_codes: torch.Tensor, bits: int) -> torch.Tensor:
