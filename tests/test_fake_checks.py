@@ -157,6 +157,25 @@ def test_fake_kernel_gives_the_real_message(name):
     assert _fake_message(op, args) == want
 
 
+# Operators without a CUDA kernel (docs/ARCHITECTURE.md): their bad calls are
+# the CPU's on every device.
+_CPU_ONLY = ("exp_errors", "exp_fits")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_cuda_gives_the_cpu_message(name):
+    """Each bad call on CUDA tensors fails with the CPU's message: one front per op
+    (csrc/<family>/front.h) checks for every device (issue 15 item 2)."""
+    op, args = CASES[name]
+    if any(c in str(op) for c in _CPU_ONLY):
+        pytest.skip(f"{op} runs on the CPU only")
+    want = _eager_message(op, args)
+    cuda_args = [a.cuda() if isinstance(a, torch.Tensor) else a for a in args]
+    got = _eager_message(op, cuda_args)
+    assert got in (want, want.replace("cpu", "cuda:0")), (got, want)
+
+
 def test_mixed_devices_are_rejected_at_trace_time():
     """x on the CPU with w_packed elsewhere (meta here; cuda where present)."""
     g = gen(2)

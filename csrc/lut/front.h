@@ -79,7 +79,9 @@ inline at::Tensor exp_linear_lut(const at::Tensor& x, const at::Tensor& w_packed
                                  const c10::optional<at::Tensor>& w_scale = c10::nullopt,
                                  const c10::optional<at::Tensor>& w_offset = c10::nullopt,
                                  const c10::optional<at::Tensor>& w_layout = c10::nullopt) {
-  (void)a_signed;  // read by no backend: the float path handles either sign
+  // a_signed is deprecated (docs/FORMAT.md, "Deprecated operator arguments"):
+  // accepted and ignored, because each code carries its own sign.
+  (void)a_signed;
   LutPlan p;
   std::tie(p.N, p.K) = check_linear_lut_shapes(x, w_shape);
   fronts::fill_lut_plan(p, x, w_packed, w_shape, alpha, sa, ba, sw, bw, bits, w_signed,
@@ -100,7 +102,7 @@ inline at::Tensor exp_conv2d_lut(const at::Tensor& x, const at::Tensor& w_packed
                                  const c10::optional<at::Tensor>& w_scale = c10::nullopt,
                                  const c10::optional<at::Tensor>& w_offset = c10::nullopt,
                                  const c10::optional<at::Tensor>& w_layout = c10::nullopt) {
-  (void)a_signed;
+  (void)a_signed;  // deprecated, ignored (see exp_linear_lut)
   ConvLutPlan p;
   check_w_shape(w_shape, 4, "[O, C/groups, kh, kw] for a conv weight");
   std::tie(p.Ho, p.Wo) = check_conv_geometry(x.sizes(), w_shape, stride, padding, dilation,

@@ -7,9 +7,7 @@ import torch  # noqa: F401  (loads libtorch before the extension)
 
 from . import _C  # noqa: F401  registers the operators (TORCH_LIBRARY)
 from . import ops, reference  # ops also registers the fake kernels (beside each wrapper)
-from .ops import (exp_conv2d_count, exp_conv2d_lut, exp_dequantize, exp_error,
-                  exp_errors, exp_fit, exp_fits, exp_linear_count, exp_linear_lut,
-                  exp_lut_layout, exp_pack, exp_quantize, exp_unpack, weight_terms)
+from .ops import *  # noqa: F401,F403  the public operators (ops.__all__)
 from . import nn  # noqa: E402  quantized modules (dnateq.nn.ExpLinear, ...)
 from .calibrate import quantize  # noqa: E402
 from .report import Report, report  # noqa: E402
@@ -22,10 +20,7 @@ from . import hw  # noqa: E402  energy / latency / area estimates against an INT
 __version__ = "0.1.0"
 
 __all__ = [
-    "ops", "reference", "exp_quantize", "exp_dequantize", "exp_pack",
-    "exp_unpack", "exp_linear_count", "exp_conv2d_count", "exp_linear_lut",
-    "exp_conv2d_lut", "exp_fit", "exp_fits", "exp_error", "exp_errors", "weight_terms",
-    "exp_lut_layout",
+    "ops", "reference", *ops.__all__,
     "nn", "quantize", "report", "Report", "baselines", "save", "load", "DnateqFileError",
     "analysis", "eval", "models", "hw",
 ]

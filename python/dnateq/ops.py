@@ -29,6 +29,16 @@ from . import _checks as C
 
 _ops = torch.ops.dnateq
 
+# The public operators, re-exported as ``dnateq.<name>`` (dnateq/__init__.py
+# imports this list, so a new operator is added here and nowhere else).
+__all__ = [
+    "exp_quantize", "exp_dequantize",                         # quantize
+    "exp_pack", "exp_unpack",                                  # pack
+    "exp_linear_count", "exp_conv2d_count", "weight_terms",    # count
+    "exp_linear_lut", "exp_conv2d_lut", "exp_lut_layout",      # lut
+    "exp_fit", "exp_error", "exp_errors", "exp_fits",          # fit
+]
+
 
 def _fake(name):
     """Registers the decorated function as the fake kernel of ``dnateq::name``."""
@@ -180,7 +190,11 @@ def exp_linear_lut(x: torch.Tensor, w_packed: torch.Tensor, w_shape: Sequence[in
 
     ``w_layout`` (from :func:`exp_lut_layout`, optional) lets the CPU run its
     register-table GEMV kernels for up to 8 rows of ``x``; it must belong to
-    ``w_packed`` (checked), and the result is the same with or without it."""
+    ``w_packed`` (checked), and the result is the same with or without it.
+
+    ``a_signed`` is deprecated: accepted and ignored, since each code of the
+    quantized input carries its own sign (docs/FORMAT.md, "Deprecated operator
+    arguments"). It keeps its position; pass ``True``."""
     return _ops.exp_linear_lut(x, w_packed, list(w_shape), alpha, sa, ba, sw, bw, bits,
                                a_signed, w_signed, rounding, bias,
                                **_lut_extra(w_scale, w_offset, w_layout))
@@ -203,7 +217,8 @@ def exp_conv2d_lut(x: torch.Tensor, w_packed: torch.Tensor, w_shape: Sequence[in
                    w_scale: Optional[torch.Tensor] = None,
                    w_offset: Optional[torch.Tensor] = None,
                    w_layout: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Fast path for conv2d on packed weights (see :func:`exp_linear_lut`)."""
+    """Fast path for conv2d on packed weights (see :func:`exp_linear_lut`;
+    ``a_signed`` is deprecated there too: accepted and ignored)."""
     return _ops.exp_conv2d_lut(x, w_packed, list(w_shape), alpha, sa, ba, sw, bw, bits,
                                a_signed, w_signed, rounding, bias, _pair(stride),
                                _pair(padding), _pair(dilation), groups,

@@ -38,7 +38,7 @@ __all__ = [
     "pack_rows", "fit_scale_offset",
     "exp_quantize", "exp_dequantize", "exp_pack", "exp_unpack",
     "exp_linear_count", "exp_conv2d_count", "exp_linear_lut", "exp_conv2d_lut",
-    "exp_fit", "exp_error", "exp_errors", "count_terms", "dequantize_channels",
+    "exp_fit", "exp_error", "exp_errors", "exp_fits", "count_terms", "dequantize_channels",
     "exp_lut_layout",
 ]
 
@@ -739,7 +739,8 @@ def exp_linear_lut(x: torch.Tensor, w_packed: torch.Tensor, w_shape: Sequence[in
                    w_layout: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Reference of ``dnateq.exp_linear_lut``: fake-quantize ``x``, dequantize the
     unpacked weights, ``F.linear`` in float32, cast to ``x.dtype``. ``w_layout``
-    (the CPU fast path's weight layout) does not change the result and is not read."""
+    (the CPU fast path's weight layout) does not change the result and is not read;
+    neither is the deprecated ``a_signed`` (docs/FORMAT.md)."""
     _check_float_input(x, "x")
     _check_rounding(rounding)
     alpha, sa, ba, bits = _check_params(alpha, sa, ba, bits, "sa", "ba")
