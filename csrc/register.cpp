@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include "lut/fast_lut.h"
+#include "quantize/front.h"
 
 // An importable `dnateq._C` so that `import dnateq` loads this library and
 // runs the static registrations below; the module itself holds nothing.
@@ -27,6 +28,9 @@ TORCH_LIBRARY(dnateq, m) {
   m.def(
       "exp_dequantize(Tensor codes, float alpha, float scale, float offset, "
       "int bits, ScalarType dtype=float) -> Tensor");
+  // Beyond SPEC's list: the level table of a format (analysis, hardware
+  // LUT contents); docs/ARCHITECTURE.md.
+  m.def("exp_level_table(float alpha, float scale, float offset, int bits) -> Tensor");
   m.def("exp_pack(Tensor codes, int bits, bool signed) -> Tensor");
   m.def(
       "exp_unpack(Tensor packed, int bits, bool signed, int[] shape) -> Tensor");
@@ -77,4 +81,10 @@ TORCH_LIBRARY(dnateq, m) {
   m.def(
       "exp_fits(Tensor x, int[] bits, str search=\"golden\", "
       "str rounding=\"nearest\", float[]? alpha=None) -> Tensor");
+}
+
+// Operators with no tensor argument have no device to dispatch on: one kernel
+// for every backend.
+TORCH_LIBRARY_IMPL(dnateq, CompositeExplicitAutograd, m) {
+  m.impl("exp_level_table", &dnateq::exp_level_table);
 }

@@ -3,7 +3,8 @@ exactly the operators of the schema block in csrc/register.cpp, each with the
 dispatch keys it really registers (in the binary and in its family's
 cpu.cpp / cuda.cu), a fake kernel, a reference with the wrapper's signature,
 and at least one other test that calls it. Also: the deprecated ``a_signed``
-of the LUT ops is accepted and ignored (docs/FORMAT.md)."""
+of the LUT ops is accepted and ignored (docs/FORMAT.md), and the one
+device-independent operator, ``exp_level_table``, against its reference."""
 import inspect
 import pathlib
 import re
@@ -163,3 +164,37 @@ def test_a_signed_is_accepted_and_ignored(device, bits):
     y = [dnateq.exp_conv2d_lut(x4, w4p, [4, 3, 3, 3], *P, bits, a, True, "nearest", None,
                                1, 1) for a in (True, False)]
     assert torch.equal(y[0], y[1])
+
+
+# --- exp_level_table: the one device-independent operator --------------------
+
+@pytest.mark.parametrize("bits", range(2, 8))
+def test_level_table_is_the_reference_and_what_dequantize_indexes(bits):
+    for alpha, scale, offset in [(1.3, 0.1, 0.0), (2.0, 1e-3, -0.02), (1.05, 3.0, 0.5)]:
+        t = dnateq.exp_level_table(alpha, scale, offset, bits)
+        assert t.dtype == torch.float32 and t.shape == (1 << bits,) and t.device.type == "cpu"
+        assert torch.equal(t, ref.exp_level_table(alpha, scale, offset, bits))
+        assert t[0] == 0
+        codes = torch.arange(-128, 128, dtype=torch.int8)
+        codes = codes[(codes.to(torch.int64) & 0x7F) < (1 << bits)]
+        sign = torch.where(codes < 0, -1.0, 1.0)
+        want = dnateq.exp_dequantize(codes, alpha, scale, offset, bits)
+        got = sign * t[codes.to(torch.int64) & 0x7F]
+        assert torch.equal(got, want)
+
+
+def test_level_table_bad_arguments_and_tracing():
+    for args, msg in [((1.0, 0.1, 0.0, 3), "alpha"), ((1.3, 0.1, 0.0, 8), "bits"),
+                      ((1.3, -0.1, 0.0, 3), "scale"), ((1.3, 0.1, float("nan"), 3), "offset"),
+                      ((1.3, 1e300, 0.0, 3), "non-finite")]:
+        with pytest.raises(RuntimeError, match=msg):
+            dnateq.exp_level_table(*args)
+        with pytest.raises((ValueError, TypeError), match=msg):
+            ref.exp_level_table(*args)
+
+    def f(x):
+        return x * dnateq.exp_level_table(1.3, 0.1, 0.0, 3)[1:5].sum()
+
+    torch._dynamo.reset()
+    x = torch.randn(4)
+    assert torch.equal(torch.compile(f, backend="eager", fullgraph=True)(x), f(x))

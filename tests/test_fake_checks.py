@@ -118,6 +118,10 @@ def _cases():
                                        None)),
         "conv_count_stride_floor": (CC, (random_codes((1, 2, 2, 2), B, g), w4, *P, B, None,
                                          [2, 2], [0, 0], g11, 1, None)),
+        # exp_level_table (no tensor argument)
+        "level_table_alpha_le_1": (ops.exp_level_table.default, (1.0, 0.1, 0.0, B)),
+        "level_table_bad_bits": (ops.exp_level_table.default, (1.3, 0.1, 0.0, 1)),
+        "level_table_overflow": (ops.exp_level_table.default, (1.3, 1e300, 0.0, B)),
         # exp_errors
         "errors_lengths": (ops.exp_errors.default, (x, [1.3, 1.2], [0.1], [0.0], B,
                                                      "nearest")),
@@ -159,7 +163,7 @@ def test_fake_kernel_gives_the_real_message(name):
 
 # Operators without a CUDA kernel (docs/ARCHITECTURE.md): their bad calls are
 # the CPU's on every device.
-_CPU_ONLY = ("exp_errors", "exp_fits")
+_CPU_ONLY = ("exp_errors", "exp_fits", "exp_level_table")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")

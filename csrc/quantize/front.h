@@ -6,6 +6,8 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
+
 #include "checks.h"
 #include "common/plan.h"
 
@@ -61,6 +63,18 @@ inline at::Tensor exp_dequantize(const at::Tensor& codes, double alpha, double s
   p.out = at::empty(p.codes.sizes(), p.codes.options().dtype(dtype));
   check_codes_valid(p.out.numel() == 0 || run(p), "codes", bits);
   return p.out;
+}
+
+// exp_level_table: the level table of one format, float32 [2^bits] on the
+// CPU, indexed by biased exponent (entry 0 = the zero code's 0); the very
+// table the kernels build. A table, not a kernel: registered once for every
+// device (CompositeExplicitAutograd, csrc/register.cpp).
+inline at::Tensor exp_level_table(double alpha, double scale, double offset, int64_t bits) {
+  ExpTables t;
+  make_checked_tables(t, alpha, scale, offset, bits, Rounding::kNearest, "scale", "offset");
+  at::Tensor out = at::empty({int64_t{1} << bits}, at::kFloat);
+  std::copy(t.levels, t.levels + out.numel(), out.data_ptr<float>());
+  return out;
 }
 
 }  // namespace dnateq

@@ -32,7 +32,7 @@ _ops = torch.ops.dnateq
 # The public operators, re-exported as ``dnateq.<name>`` (dnateq/__init__.py
 # imports this list, so a new operator is added here and nowhere else).
 __all__ = [
-    "exp_quantize", "exp_dequantize",                         # quantize
+    "exp_quantize", "exp_dequantize", "exp_level_table",      # quantize
     "exp_pack", "exp_unpack",                                  # pack
     "exp_linear_count", "exp_conv2d_count", "weight_terms",    # count
     "exp_linear_lut", "exp_conv2d_lut", "exp_lut_layout",      # lut
@@ -79,6 +79,23 @@ def exp_dequantize(codes: torch.Tensor, alpha: float, scale: float, offset: floa
 def _exp_dequantize_fake(codes, alpha, scale, offset, bits, dtype=torch.float32):
     C.check_dequantize_args(codes, alpha, scale, offset, bits, dtype)
     return torch.empty_like(codes, dtype=dtype, memory_format=torch.contiguous_format)
+
+
+def exp_level_table(alpha: float, scale: float, offset: float, bits: int) -> torch.Tensor:
+    """The level table of one tensor's format, float32 ``[2^bits]`` on the CPU:
+    entry ``b`` is the level of biased exponent ``b``, ``S * alpha^(b - 2^(n-1)) + beta``
+    computed in float64 and rounded once to float32 (SPEC section 1), entry 0
+    the zero code's 0. It is the table every kernel builds, so
+    ``sign * table[code & 0x7F]`` is :func:`exp_dequantize` (the contents of
+    an accelerator's level LUT). Parameters are checked as by
+    :func:`exp_dequantize`."""
+    return _ops.exp_level_table(alpha, scale, offset, bits)
+
+
+@_fake("exp_level_table")
+def _exp_level_table_fake(alpha, scale, offset, bits):
+    C.make_checked_tables(alpha, scale, offset, bits, "nearest", "scale", "offset")
+    return torch.empty(1 << bits, dtype=torch.float32, device="cpu")
 
 
 # ---------------------------------------------------------------------------

@@ -36,7 +36,7 @@ __all__ = [
     "thresholds", "levels", "levels_f64", "level_table", "decode_codes",
     "exp_range", "exp_bias", "alpha_max", "packed_field_bits", "packed_row_bytes",
     "pack_rows", "fit_scale_offset",
-    "exp_quantize", "exp_dequantize", "exp_pack", "exp_unpack",
+    "exp_quantize", "exp_dequantize", "exp_level_table", "exp_pack", "exp_unpack",
     "exp_linear_count", "exp_conv2d_count", "exp_linear_lut", "exp_conv2d_lut",
     "exp_fit", "exp_error", "exp_errors", "exp_fits", "count_terms", "dequantize_channels",
     "exp_lut_layout",
@@ -257,6 +257,13 @@ def level_table(alpha: float, scale: float, offset: float, bits: int,
     """Levels indexed by biased exponent ``0 .. 2^n - 1``; entry 0 (zero code) is 0."""
     lv = levels(alpha, scale, offset, bits, dtype)
     return torch.cat([torch.zeros(1, dtype=lv.dtype), lv])
+
+
+def exp_level_table(alpha: float, scale: float, offset: float, bits: int) -> torch.Tensor:
+    """Reference of ``dnateq.exp_level_table``: :func:`level_table` in float32,
+    with the parameter checks of :func:`exp_dequantize`."""
+    alpha, scale, offset, bits = _check_params(alpha, scale, offset, bits)
+    return level_table(alpha, scale, offset, bits, torch.float32)
 
 
 def decode_codes(codes: torch.Tensor, bits: int, name: str = "codes"
