@@ -127,6 +127,31 @@ def _lut_dispatch(x: torch.Tensor, bias: Optional[torch.Tensor]):
     return torch._C._AutoDispatchBelowAutograd()
 
 
+# The overloads the eager "lut" forward calls (ops is imported, so _C is loaded).
+_LINEAR_LUT = torch.ops.dnateq.exp_linear_lut.default
+_CONV2D_LUT = torch.ops.dnateq.exp_conv2d_lut.default
+
+# Input dtypes the LUT ops take as they are (their output has the input's dtype).
+_LUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _eager_lut_ok(x, buffers: Dict[str, Optional[torch.Tensor]]) -> bool:
+    """Whether a "lut" forward may take the eager inference path (``_ExpBase._eager_lut``):
+    a plain tensor of a dtype the op takes, no gradient to record (x, the bias and
+    the smoothing vector), and not traced by torch.compile (which must see the
+    public op, its fake and its autograd)."""
+    if type(x) is not torch.Tensor or x.dtype not in _LUT_DTYPES:
+        return False
+    if torch.is_grad_enabled():
+        if x.requires_grad:
+            return False
+        for name in ("bias", "smooth"):
+            t = buffers[name]
+            if t is not None and t.requires_grad:
+                return False
+    return not torch.compiler.is_compiling()
+
+
 class _ExpBase(nn.Module):
     """Shared state and helpers of the quantized layers."""
 
@@ -271,7 +296,8 @@ class _ExpBase(nn.Module):
         self._layout_key = self._layout_state()
 
     def _layout_state(self):
-        wp, lay = self.w_packed, self.w_layout
+        b = self._buffers   # not nn.Module.__getattr__: this runs on every "lut" call
+        wp, lay = b["w_packed"], b["w_layout"]
 
         def version(t):
             try:
@@ -290,6 +316,29 @@ class _ExpBase(nn.Module):
         if self._layout_key != self._layout_state():
             self._refresh_layout()
         return self.w_layout
+
+    def _eager_lut(self, op, x: torch.Tensor, dim: int, geometry: tuple) -> torch.Tensor:
+        """The "lut" forward of inference (``_eager_lut_ok``): the operator's
+        ``.default`` overload called positionally below the Autograd key, with the
+        arguments read from ``__dict__`` / ``_buffers``. The result is the one of the
+        public path (same kernel, same arguments); what it skips is Python: the
+        wrapper's argument conversion, ``nn.Module.__getattr__`` per buffer, the
+        overload resolution and the autograd kernel (about 10-25 us a call, as much
+        as a batch-1 ResNet-20 conv's work)."""
+        d = self.__dict__
+        b = d["_buffers"]
+        dt = x.dtype
+        smooth = b["smooth"]
+        if smooth is not None:
+            shape = [1] * x.dim()
+            shape[dim] = -1
+            x = x.float() / smooth.reshape(shape)
+        lay = self._lut_layout()
+        with torch._C._AutoDispatchBelowAutograd():
+            y = op(x, b["w_packed"], d["w_shape"], d["alpha"], d["sa"], d["ba"], d["sw"],
+                   d["bw"], d["bits"], d["a_signed"], d["w_signed"], d["rounding"], b["bias"],
+                   *geometry, b["w_scale"], b["w_offset"], lay)
+        return y if y.dtype == dt else y.to(dt)
 
     def resident_weight_bytes(self) -> int:
         """Bytes of the weight state the layer keeps resident: packed codes, the
@@ -367,6 +416,11 @@ class ExpLinear(_ExpBase):
                    mode, search, info).to(module.weight.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.__dict__["_mode"] == "lut" and _eager_lut_ok(x, self._buffers):
+            if x.dim() == 0 or x.shape[-1] != self.in_features:
+                raise ValueError(f"dnateq: ExpLinear expects input [*, {self.in_features}], "
+                                 f"got {list(x.shape)}")
+            return self._eager_lut(_LINEAR_LUT, x, -1, ())
         x, dt = self._prep_input(x)
         if x.shape[-1] != self.in_features:
             raise ValueError(f"dnateq: ExpLinear expects input [*, {self.in_features}], "
@@ -463,6 +517,14 @@ class ExpConv2d(_ExpBase):
         return x, self.padding
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        d = self.__dict__
+        if d["_mode"] == "lut" and _eager_lut_ok(x, self._buffers):
+            if x.dim() != 4 or x.shape[1] != d["in_channels"]:
+                raise ValueError(f"dnateq: ExpConv2d expects input [N, {self.in_channels}, "
+                                 f"H, W], got {list(x.shape)}")
+            x, pad = self._geometry(x) if isinstance(d["padding"], str) else (x, d["padding"])
+            return self._eager_lut(_CONV2D_LUT, x, 1, (d["stride"], pad, d["dilation"],
+                                                       d["groups"]))
         x, dt = self._prep_input(x)
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"dnateq: ExpConv2d expects input [N, {self.in_channels}, H, W], "
