@@ -54,7 +54,17 @@ int run_cpu(const PackPlan& p) {
   uint8_t* dst = p.out.data_ptr<uint8_t>();
   const int max_mag = num_levels(static_cast<int>(bits));
   const int64_t groups = (K + kGroup - 1) / kGroup;
-  std::atomic<int> bad{0};  // 1: bits above n set; 2: sign in unsigned
+  // Per code byte, its field (b <= 8 bits) and what is wrong with it (1: bits
+  // above n set; 2: a sign in an unsigned tensor): the loop below is two table
+  // loads per code and no branch on the code.
+  uint8_t field_of[256], bad_of[256];
+  for (int c = 0; c < 256; ++c) {
+    const uint8_t code = static_cast<uint8_t>(c);
+    field_of[c] = static_cast<uint8_t>(code_to_field(code, static_cast<int>(bits), is_signed));
+    bad_of[c] = static_cast<uint8_t>(((code & kMagMask) > max_mag ? 1 : 0) |
+                                     (!is_signed && (code & kSignBit) ? 2 : 0));
+  }
+  std::atomic<int> bad{0};
   at::parallel_for(0, rows * groups, 256, [&](int64_t g0, int64_t g1) {
     int local = 0;
     for (int64_t g = g0; g < g1; ++g) {
@@ -66,10 +76,8 @@ int run_cpu(const PackPlan& p) {
       int nbits = 0;
       for (int64_t i = i0; i < i1; ++i) {
         const uint8_t code = c[i];
-        if ((code & kMagMask) > max_mag) local |= 1;
-        if (!is_signed && (code & kSignBit)) local |= 2;
-        acc |= static_cast<uint64_t>(code_to_field(code, static_cast<int>(bits),
-                                                   is_signed)) << nbits;
+        local |= bad_of[code];
+        acc |= static_cast<uint64_t>(field_of[code]) << nbits;
         nbits += b;
         if (nbits >= 32) {
           const uint32_t w = static_cast<uint32_t>(acc);
