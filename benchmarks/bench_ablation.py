@@ -23,7 +23,10 @@ Configurations (``--configs``, comma-separated):
 - ``all``: every mechanism with the sensitivity allocation;
 - ``budget5``: the default at ``bits_budget=5.0`` (the sensitivity path's
   point at 5.0 average bits, no ``max_loss`` search): the fidelity at the
-  target's bit budget.
+  target's bit budget;
+- ``nofloor``: the default without its output-fidelity floor
+  (``min_cosine=None``): what the floor (mean cosine to float >= 0.99 on
+  batches that follow calibration) costs in bits and buys in fidelity.
 
 Models:
 
@@ -71,6 +74,7 @@ CONFIGS: Dict[str, Dict[str, Any]] = {
     "default": dict(),
     "all": dict(method="sensitivity", passes=list(MECHS)),
     "budget5": dict(bits_budget=5.0),
+    "nofloor": dict(min_cosine=None),
 }
 
 
@@ -218,7 +222,9 @@ def run_config(task, cname: str, args) -> Dict[str, Any]:
                metric=task["metric"](q), avg_bits=tot["avg_bits"],
                storage_bits=tot["storage_bits"], seconds=dt,
                method=q.dnateq_info.get("method", "paper"),
-               passes=q.dnateq_info.get("options", {}).get("passes"))
+               passes=q.dnateq_info.get("options", {}).get("passes"),
+               min_cosine=q.dnateq_info.get("min_cosine"),
+               search_cosine=q.dnateq_info.get("cosine"), limit=q.dnateq_info.get("limit"))
     for k, fn in task["extra"].items():
         row[k] = fn(q)
     u = baselines.uniform_quantize(task["model"], task["loader"],

@@ -436,17 +436,35 @@ def test_resnet20_cifar10_real():
         u_acc = accuracy(u)
         print(f"uniform ({conv} bits): {u_acc:.2f} %")
         assert u_acc < q_acc
-    # the three execution modes agree on the real network
+    # The three execution modes agree on every layer of the real network, each
+    # layer fed the input it sees in the quantized model. (Not end to end: fp32
+    # summation order differs between the kernels by ~1e-7, which moves an
+    # activation across a quantization threshold now and then, and the next
+    # layers amplify each such flip; at 7 bits, alpha ~1.009, the logits of
+    # the modes then differ by a few percent. A network of quantizers is a
+    # discontinuous function, so only the per-layer agreement is exact.)
     x = xt[:4]
-    outs = {}
+    layers = qlayers(q)
+    inputs = {}
+    hooks = [m.register_forward_pre_hook(
+        lambda mod, a, n=n: inputs.__setitem__(n, a[0].detach().clone()))
+        for n, m in layers.items()]
     with torch.no_grad():
-        for mode in ("count", "lut", "fake"):
-            for m in qlayers(q).values():
+        q(x)
+    for h in hooks:
+        h.remove()
+    with torch.no_grad():
+        for n, m in layers.items():
+            outs = {}
+            for mode in ("count", "lut", "fake"):
                 m.mode = mode
-            outs[mode] = q(x)
-    scale = float(outs["count"].abs().max())
-    for mode in ("lut", "fake"):
-        torch.testing.assert_close(outs[mode], outs["count"], rtol=1e-4, atol=1e-4 * scale)
+                outs[mode] = m(inputs[n])
+            m.mode = "lut"
+            scale = float(outs["count"].abs().max())
+            for mode in ("lut", "fake"):
+                torch.testing.assert_close(outs[mode], outs["count"], rtol=1e-4,
+                                           atol=1e-5 * scale, msg=lambda s, n=n, mode=mode:
+                                           f"{n} {mode} vs count: {s}")
 
 
 def test_early_stop_when_all_layers_at_lowest_bits():

@@ -105,6 +105,19 @@ class Report:
         if t.get("method"):
             lines.append(f"- bit allocation: {t['method']}; mechanisms: "
                          + (", ".join(t.get("passes") or []) or "none"))
+        fid = t.get("fidelity")
+        if isinstance(fid, dict) and (fid.get("cosine") is not None or fid.get("limit")):
+            parts = []
+            if fid.get("cosine") is not None:
+                parts.append(f"mean cosine to float {fid['cosine']:.4f}"
+                             + (f" (floor {fid['min_cosine']:.4g})"
+                                if fid.get("min_cosine") is not None else " (no floor)"))
+            if fid.get("limit"):
+                parts.append("search stopped by: " + {
+                    "loss": "max_loss", "fidelity": "the cosine floor (min_cosine)",
+                    "path_end": "the smallest bits (every layer at min(bits))",
+                    "budget": "bits_budget"}.get(fid["limit"], fid["limit"]))
+            lines.append("- output fidelity: " + "; ".join(parts))
         if self.skipped:
             lines.append("- left in float: " + ", ".join(
                 f"{n} ({why})" for n, why in self.skipped.items()))
@@ -170,12 +183,17 @@ def report(qmodel: nn.Module) -> Report:
         est = qinfo.get("estimate")
         if isinstance(est, dict):
             totals["estimate"] = dict(est)
+        if qinfo.get("limit") or qinfo.get("cosine") is not None:
+            totals["fidelity"] = dict(cosine=qinfo.get("cosine"),
+                                      min_cosine=qinfo.get("min_cosine"),
+                                      limit=qinfo.get("limit"))
         if qinfo.get("fallback"):
             notes.append("no threshold met max_loss: the all-max-bit fallback configuration "
                          "was returned" if totals["method"] == "paper" else
                          "no configuration met max_loss: the all-max-bit fallback "
                          "configuration was returned")
-        if isinstance(est, dict) and est.get("on_calibration_batches"):
+        if (isinstance(est, dict) and est.get("on_calibration_batches")
+                and est.get("metric") == "proxy"):
             notes.append("the proxy was judged on calibration batches (the loader had none "
                          "left to hold out): its estimate is optimistic")
         if qinfo.get("shared"):

@@ -94,6 +94,10 @@ class LayerSearch:
         self.floats = build.floats
         self.evaluations = 0
         self._seen: Dict[Tuple[int, ...], float] = {}
+        # The output-fidelity measure (a calibration.quality.Fidelity) of the
+        # floor min_cosine, set by the pipeline; None: no floor.
+        self.fidelity: Optional[Callable[[], float]] = None
+        self._cos: Dict[Tuple[int, ...], float] = {}
         self.base = quality()
 
     def apply(self, cfg: Dict[str, int]) -> None:
@@ -115,6 +119,18 @@ class LayerSearch:
         self.evaluations += 1
         self._seen[key] = q
         return q, True
+
+    def cosine(self, cfg: Dict[str, int]) -> Optional[float]:
+        """The mean cosine of ``cfg``'s outputs to the float model's
+        (:attr:`fidelity`, each distinct configuration once; ``cfg`` is applied
+        when measured), or None without a fidelity measure."""
+        if self.fidelity is None:
+            return None
+        key = tuple(cfg[n] for n in self.names if n in cfg)
+        if key not in self._cos:
+            self.apply(cfg)
+            self._cos[key] = float(self.fidelity())
+        return self._cos[key]
 
     def threshold_bits(self, thr: float, first_layer_divisor: float,
                        act_threshold_scale) -> Dict[str, int]:

@@ -13,6 +13,11 @@ __all__ = ["QuantizeConfig"]
 
 _WHO = "dnateq.quantize"
 
+#: The output-fidelity floor of ``min_cosine="auto"`` with method="sensitivity":
+#: the mean cosine to the float model's outputs the issue's users ask of a
+#: quantized model (issue 12), not a value fitted to one model.
+DEFAULT_MIN_COSINE = 0.99
+
 
 @dataclass
 class QuantizeConfig:
@@ -51,6 +56,7 @@ class QuantizeConfig:
     passes: Optional[Tuple[str, ...]] = None
     smoothing: str = "auto"
     bits_budget: Optional[float] = None
+    min_cosine: Union[float, str, None] = "auto"
     forward: Optional[Callable[[Any, Any], Any]] = None
     mask: Any = None
 
@@ -134,6 +140,25 @@ class QuantizeConfig:
             if c.method != "sensitivity":
                 raise ValueError(f"{_WHO}: bits_budget needs method='sensitivity', got "
                                  f"method={c.method!r}")
+        if isinstance(c.min_cosine, str):
+            if c.min_cosine != "auto":
+                raise ValueError(f"{_WHO}: min_cosine must be a number in (-1, 1], 'auto' or "
+                                 f"None, got {c.min_cosine!r}")
+            c.min_cosine = DEFAULT_MIN_COSINE if c.method == "sensitivity" else None
+        elif c.min_cosine is not None:
+            try:
+                if isinstance(c.min_cosine, bool):
+                    raise TypeError
+                v = float(c.min_cosine)
+            except (TypeError, ValueError):
+                raise TypeError(f"{_WHO}: min_cosine must be a number in (-1, 1], 'auto' or "
+                                f"None, got {c.min_cosine!r}") from None
+            if not -1.0 < v <= 1.0:
+                raise ValueError(f"{_WHO}: min_cosine must be in (-1, 1], got {c.min_cosine!r}")
+            if c.method != "sensitivity":
+                raise ValueError(f"{_WHO}: min_cosine needs method='sensitivity' (the paper's "
+                                 f"rule has no floor), got method={c.method!r}")
+            c.min_cosine = v
         unknown = [p for p in c.passes if p not in PASSES]
         if unknown:
             raise ValueError(f"{_WHO}: unknown pass(es) {unknown}; known: {sorted(PASSES)}")

@@ -39,7 +39,7 @@ from .allocate import STRATEGIES, Allocation, LayerSearch
 from .build import LayerCache, deliver
 from .config import QuantizeConfig
 from .fit import fit_layers
-from .quality import Quality
+from .quality import Fidelity, Quality
 from .call import ModelCall
 from .select import Selection, select
 from .trace import Traces, trace_layers
@@ -166,7 +166,8 @@ def quantize(model: nn.Module, loader: Iterable, *,
              forward: Optional[Callable[[nn.Module, Any], Any]] = None,
              mask: Any = None,
              smoothing: str = "auto",
-             bits_budget: Optional[float] = None) -> nn.Module:
+             bits_budget: Optional[float] = None,
+             min_cosine: Union[float, str, None] = "auto") -> nn.Module:
     """Calibrate ``model`` on ``loader`` and return it with DNA-TEQ quantized layers.
 
     Args:
@@ -258,6 +259,18 @@ def quantize(model: nn.Module, loader: Iterable, *,
             layer with no foldable predecessor) or ``"buffer"``.
         bits_budget: with ``method="sensitivity"``, the average bits (paper
             convention) to allocate to, without searching ``max_loss``.
+        min_cosine: the output-fidelity floor of ``method="sensitivity"``: a
+            configuration passes only when, beside the loss within
+            ``max_loss``, the mean cosine of its outputs to the float model's
+            (sentence_embedding, logits or last_hidden_state; per sample, or
+            per valid token) on ``eval_batches`` loader batches that follow the
+            calibration ones is at least this. A task metric measured on few
+            samples is noisy and can pass a configuration that moved far from
+            the float model; the floor keeps it out. ``"auto"`` (default):
+            0.99 for ``"sensitivity"``, None (no floor) for ``"paper"``, which
+            stays the paper's rule. With ``bits_budget`` the cosine is measured
+            and reported, not enforced. The report names which limit stopped
+            the search (``limit``: loss, fidelity or the path's end).
         forward: ``forward(model, batch) -> output`` calls the model on a
             (device-moved) loader batch instead of the rules of ``loader``, for
             any other convention, e.g. sentence-transformers:
@@ -288,7 +301,7 @@ def quantize(model: nn.Module, loader: Iterable, *,
         calib_batches=calib_batches, eval_batches=eval_batches, sample_size=sample_size,
         layers=layers, skip=skip, inplace=inplace, mode=mode, progress=progress, seed=seed,
         method=method, passes=passes, forward=forward, mask=mask, smoothing=smoothing,
-        bits_budget=bits_budget).validated()
+        bits_budget=bits_budget, min_cosine=min_cosine).validated()
     return calibrate(model, loader, config)
 
 
@@ -304,11 +317,15 @@ def calibrate(model: nn.Module, loader: Iterable, config: QuantizeConfig) -> nn.
     # 1. Layers: attention split into projections, Conv1D as Linear; candidates.
     sel = select(work, config.layers, config.skip)
     # 2. Bounded traces (valid tokens only), and held-out batches for the proxy.
-    held = int(config.eval_batches) if config.eval_fn is None else 0
+    #    With eval_fn, the output-fidelity floor (min_cosine) takes the batches
+    #    that follow the calibration ones, without shortening calibration.
+    proxy = config.eval_fn is None
+    held = int(config.eval_batches) if proxy or config.min_cosine is not None else 0
     keep = max(held, int(config.calib_batches)) if _needs_inputs(config) else held
     tr = trace_layers(work, sel.names, loader, calib_batches=config.calib_batches,
                       sample_size=config.sample_size, seed=config.seed,
-                      progress=config.progress, keep_inputs=keep, extra_inputs=held, call=call)
+                      progress=config.progress, keep_inputs=keep, extra_inputs=held, call=call,
+                      shorten=proxy)
     names = executed_layers(tr, sel.names, sel.skipped)
     state = Calibration(work, config, names, tr, sel.skipped, sel.mha, selection=sel, call=call,
                         calib_inputs=list(tr.kept))
@@ -325,13 +342,18 @@ def calibrate(model: nn.Module, loader: Iterable, config: QuantizeConfig) -> nn.
                        rounding=config.rounding, mode="lut" if config.mode == "count" else config.mode,
                        first=names[0], after_build=state.after_build_hooks(),
                        smooth=state.smooth, layer_passes=state.layer_passes)
-    inputs = heldout_inputs(tr, held)
+    if proxy:
+        inputs = heldout_inputs(tr, held)
+    else:   # fidelity floor only: what follows calibration, else its batches
+        inputs = tr.extra or tr.kept[:held]
     state.heldout = dict(held_out_batches=len(tr.extra) if inputs is tr.extra else 0,
                          on_calibration_batches=bool(held) and inputs is not tr.extra)
-    quality = Quality(work, config.eval_fn, inputs, call=call)
+    quality = Quality(work, config.eval_fn, inputs if proxy else [], call=call)
     search = LayerSearch(work, names, state.tables, config.bits, build, quality,
                          aliases=sel.aliases)
     search.calib_inputs = list(tr.kept)
+    search.fidelity = (Fidelity(work, inputs, call) if config.min_cosine is not None and inputs
+                       else None)
     alloc = STRATEGIES[config.method](search, config)
     for n in names:
         get_module(work, n).mode = config.mode
@@ -422,6 +444,7 @@ def _record(state: Calibration, search: LayerSearch, alloc: Allocation, clock) -
                      mode=c.mode, seed=c.seed, method=c.method, passes=list(c.passes),
                      forward=c.forward is not None,
                      mask="attention_mask" if c.mask is None else bool(c.mask),
-                     smoothing=c.smoothing, bits_budget=c.bits_budget),
+                     smoothing=c.smoothing, bits_budget=c.bits_budget,
+                     min_cosine=c.min_cosine),
         **alloc.record,
     )

@@ -12,7 +12,7 @@ import torch.nn as nn
 from ..eval import distributed as _dist
 from .call import ModelCall, comparable_output, select_valid
 
-__all__ = ["proxy_quality", "Quality"]
+__all__ = ["proxy_quality", "Quality", "mean_cosine", "Fidelity"]
 
 
 def proxy_quality(ref_outputs: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor],
@@ -104,3 +104,65 @@ class Quality:
         if not math.isfinite(q):
             raise ValueError(f"{self.who}: the quality metric returned {q}")
         return q
+
+
+def mean_cosine(ref_outputs: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor],
+                masks: Optional[Sequence[Optional[torch.Tensor]]] = None) -> float:
+    """Mean cosine similarity of ``outputs`` to ``ref_outputs``: per sample of
+    ``[B, ...]`` outputs, or per valid token of ``[B, T, ...]`` outputs where
+    ``masks`` give ``[B, T]`` (logits included: it measures how far the outputs
+    moved, whatever the task reads from them)."""
+    masks = list(masks) if masks is not None else [None] * len(ref_outputs)
+    cos = []
+    for r, o, m in zip(ref_outputs, outputs, masks):
+        r, o = r.float(), o.float()
+        if m is not None and r.dim() >= 3 and tuple(r.shape[:2]) == tuple(m.shape):
+            r, o = select_valid(r, m), select_valid(o, m)
+        rr = r.reshape(r.shape[0], -1) if r.dim() > 1 else r.reshape(1, -1)
+        cos.append(torch.nn.functional.cosine_similarity(rr, o.reshape(rr.shape), dim=1,
+                                                         eps=1e-12))
+    c = torch.cat(cos) if cos else torch.zeros(0)
+    if _dist.is_distributed():
+        csum, cn = _dist.all_reduce_sum([float(c.double().sum()), c.numel()]).tolist()
+        return csum / cn if cn else 1.0
+    return float(c.double().mean()) if c.numel() else 1.0
+
+
+class Fidelity:
+    """``fidelity()``: the mean cosine (:func:`mean_cosine`) of ``model``'s
+    comparable outputs (``comparable_output``: sentence_embedding, logits,
+    last_hidden_state or the first tensor) to the ones it gave on ``inputs``
+    when this object was made (the float model's), valid tokens only. The
+    output-fidelity floor of calibration (``QuantizeConfig.min_cosine``) holds
+    each candidate configuration to it, beside the quality loss: a task
+    metric measured on few samples is noisy, and the floor keeps a
+    configuration that drifted far from the float model out even when the
+    noisy metric happens to pass it."""
+
+    def __init__(self, model: nn.Module, inputs: Sequence[Any], call: ModelCall,
+                 who: str = "dnateq.quantize", label: str = "held-out batch"):
+        self.model, self.call, self.who, self.label = model, call, who, label
+        self.inputs: List[Any] = list(inputs)
+        self.ref: List[torch.Tensor] = []
+        self.masks: List[Optional[torch.Tensor]] = []
+        with torch.no_grad():
+            for i, x in enumerate(self.inputs):
+                self.ref.append(self._output(i, x).detach())
+                self.masks.append(self.call.mask_of(x))
+
+    def _output(self, i: int, x: Any) -> torch.Tensor:
+        what = f"{self.label} {i}"
+        t, _ = comparable_output(self.call.run(self.model, x, what))
+        if t is None:
+            raise TypeError(f"{self.who}: cannot find a tensor in the model output on {what} "
+                            "for the output-fidelity floor (min_cosine); pass min_cosine=None")
+        return t
+
+    def __call__(self) -> float:
+        self.model.eval()
+        with torch.no_grad():
+            c = mean_cosine(self.ref, [self._output(i, x) for i, x in enumerate(self.inputs)],
+                            self.masks)
+        if not math.isfinite(c):
+            raise ValueError(f"{self.who}: the output-fidelity measure returned {c}")
+        return c

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 
 __all__ = ["relative_error", "measure_sensitivity", "monotone", "greedy_path", "avg_bits",
-           "at_budget", "predicted_loss", "search_path", "sens_inputs"]
+           "at_budget", "predicted_loss", "search_path", "search_limit", "sens_inputs"]
 
 
 def _get_parent(root: nn.Module, name: str):
@@ -150,19 +150,30 @@ def at_budget(path: Sequence[Mapping[str, int]], counts: Mapping[str, int],
 
 
 def search_path(path: Sequence[Mapping[str, int]], evaluate: Callable[[Mapping[str, int]], float],
-                base: float, max_loss: float) -> Tuple[Optional[int], List[Dict[str, Any]]]:
-    """Bisect ``path`` for the last point whose loss ``base - evaluate(cfg)`` is
-    within ``max_loss`` (quality assumed to fall along the path). Returns
-    ``(index or None when even path[0] fails, history)``; each history entry
-    holds ``index, quality, loss, passed``."""
+                base: float, max_loss: float,
+                cosine: Optional[Callable[[Mapping[str, int]], Optional[float]]] = None,
+                min_cosine: Optional[float] = None
+                ) -> Tuple[Optional[int], List[Dict[str, Any]]]:
+    """Bisect ``path`` for the last point that passes (quality assumed to fall
+    along the path): its loss ``base - evaluate(cfg)`` is within ``max_loss``
+    and, when ``min_cosine`` is set, ``cosine(cfg)`` (measured only once the
+    loss passed) is at least ``min_cosine``. Returns ``(index or None when even
+    path[0] fails, history)``; each history entry holds ``index, quality,
+    loss, cosine, passed`` and ``failed`` (None, ``"loss"`` or ``"fidelity"``)."""
     hist: List[Dict[str, Any]] = []
     seen: Dict[int, bool] = {}
+    floor = cosine is not None and min_cosine is not None
 
     def ok(i: int) -> bool:
         if i not in seen:
             q = float(evaluate(path[i]))
-            seen[i] = base - q <= max_loss
-            hist.append(dict(index=i, quality=q, loss=base - q, passed=seen[i]))
+            failed = None if base - q <= max_loss else "loss"
+            c = cosine(path[i]) if floor and failed is None else None
+            if c is not None and c < float(min_cosine):
+                failed = "fidelity"
+            seen[i] = failed is None
+            hist.append(dict(index=i, quality=q, loss=base - q, cosine=c, passed=seen[i],
+                             failed=failed))
         return seen[i]
 
     last = len(path) - 1
@@ -178,6 +189,20 @@ def search_path(path: Sequence[Mapping[str, int]], evaluate: Callable[[Mapping[s
         else:
             hi = mid
     return lo, hist
+
+
+def search_limit(index: Optional[int], history: Sequence[Mapping[str, Any]],
+                 path_length: int) -> str:
+    """What stopped :func:`search_path` at ``index``: ``"path_end"`` (every
+    layer at the smallest ``n`` passed), ``"loss"`` or ``"fidelity"`` (why the
+    next point failed; for ``index`` None, why the first one did)."""
+    if index is not None and index == path_length - 1:
+        return "path_end"
+    nxt = 0 if index is None else index + 1
+    for h in history:
+        if h["index"] == nxt and not h["passed"]:
+            return h.get("failed") or "loss"
+    return "loss"
 
 
 # ---------------------------------------------------------------------------
@@ -253,18 +278,22 @@ def sensitivity_strategy(search, config):
     counts = {n: int(search.floats[n].weight.numel()) for n in search.names}
     path = greedy_path(sens, counts, search.bits)
     budget = getattr(config, "bits_budget", None)
+    min_cos = getattr(config, "min_cosine", None)
     history: List[Dict[str, Any]] = []
     fallback = False
-    if budget is not None:
+    if budget is not None:   # the budget is the user's: the floor is reported only
         cfg = at_budget(path, counts, budget)
         q, _ = search.measure(cfg)
         history.append(dict(budget=float(budget), bits=dict(cfg), quality=q,
                             loss=search.base - q, passed=search.base - q <= config.max_loss,
                             evaluated=True))
+        limit = "budget"
     else:
         def evaluate(cfg):
             return search.measure(cfg)[0]
-        idx, hist = search_path(path, evaluate, search.base, config.max_loss)
+        idx, hist = search_path(path, evaluate, search.base, config.max_loss,
+                                search.cosine, min_cos)
+        limit = search_limit(idx, hist, len(path))
         for h in hist:
             h["bits"] = dict(path[h["index"]])
             h["avg_bits"] = avg_bits(path[h["index"]], counts)
@@ -272,14 +301,16 @@ def sensitivity_strategy(search, config):
         history = hist
         if idx is None:
             fallback = True
-            warnings.warn(f"dnateq.quantize: even every layer at {search.bits[-1]} bits loses "
-                          f"more than max_loss={config.max_loss}; returning that "
-                          "configuration", RuntimeWarning, stacklevel=3)
+            why = (f"loses more than max_loss={config.max_loss}" if limit == "loss" else
+                   f"keeps a mean cosine to the float outputs below min_cosine={min_cos}")
+            warnings.warn(f"dnateq.quantize: even every layer at {search.bits[-1]} bits {why}; "
+                          "returning that configuration", RuntimeWarning, stacklevel=3)
             idx = 0
         cfg = dict(path[idx])
         q, _ = search.measure(cfg)
+    cos = search.cosine(cfg) if hasattr(search, "cosine") else None
     search.apply(cfg)
-    record = dict(bits_budget=budget,
+    record = dict(bits_budget=budget, min_cosine=min_cos, cosine=cos, limit=limit,
                   sensitivity={n: {int(b): float(v) for b, v in s.items()}
                                for n, s in sens.items()},
                   path_length=len(path), predicted_loss=predicted_loss(cfg, sens))

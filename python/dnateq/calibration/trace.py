@@ -130,7 +130,7 @@ def trace_layers(work: nn.Module, names: Sequence[str], loader: Iterable, *,
                  calib_batches: int = 8, sample_size: int = 1 << 18, seed: int = 0,
                  progress: bool = True, keep_inputs: int = 0, extra_inputs: int = 0,
                  who: str = "dnateq.quantize", label: str = "dnateq",
-                 call: Optional[ModelCall] = None) -> Traces:
+                 call: Optional[ModelCall] = None, shorten: bool = True) -> Traces:
     """Run ``work`` on ``calib_batches`` loader batches and record the input of
     every layer in ``names`` (forward pre-hooks, bounded memory: see
     :class:`Trace`). ``call`` is the calling convention (:class:`ModelCall`;
@@ -140,7 +140,8 @@ def trace_layers(work: nn.Module, names: Sequence[str], loader: Iterable, *,
     layer inputs are traced. ``keep_inputs`` of the calibration inputs are kept
     and up to ``extra_inputs`` further batches are read (not run) for held-out
     evaluation: when the loader is known to be too short for them,
-    calibration takes fewer batches (:func:`plan_batches`). Raises when the
+    calibration takes fewer batches (:func:`plan_batches`), unless ``shorten``
+    is False (the held-out batches are then only what follows). Raises when the
     loader is empty, a batch is malformed or the model cannot take it, or
     activations are non-finite; messages start with ``who``, the progress bar
     with ``label``. Under ``torchrun`` the ranks' traces are merged
@@ -151,7 +152,8 @@ def trace_layers(work: nn.Module, names: Sequence[str], loader: Iterable, *,
     traces = {n: Trace(sample_size, gen, who) for n in names}
     order: List[str] = []
     device = model_device(work)
-    n_plan, note = plan_batches(_length(loader), int(calib_batches), int(extra_inputs))
+    n_plan, note = (plan_batches(_length(loader), int(calib_batches), int(extra_inputs))
+                    if shorten else (int(calib_batches), None))
     mask: List[Optional[torch.Tensor]] = [None]
 
     def make_hook(name):
