@@ -252,7 +252,8 @@ def bench_layout_rows(rows, quick, bits=4):
 
 def bench_conv_small(rows, quick, bits=4):
     """Batch 1 and 8 convs of ResNet-20's three stages with the layout
-    (avx512_conv) against fp32 F.conv2d and the decoded path, 1 and 2 threads."""
+    (avx512_direct_conv; avx512_conv above fast_conv.cpp's size rule) against
+    fp32 F.conv2d and the decoded path, 1 and 2 threads."""
     threads0 = torch.get_num_threads()
     for threads in (1, 2):
         torch.set_num_threads(threads)

@@ -276,7 +276,10 @@ def test_linear_with_layout_per_channel(isa, bits):
 
 # ----------------------------------------------------------------- conv --
 def _want_conv_path(isa, batch, groups):
-    return "avx512_conv" if isa == "avx512" and batch <= 8 and groups == 1 else "gemm"
+    """AVX-512, batch <= 8, groups 1: the direct conv kernel for these small
+    cases (the native conv on the layout above fast_conv.cpp's size rule,
+    tests/test_direct_conv.py); else decode then native conv."""
+    return "avx512_direct_conv" if isa == "avx512" and batch <= 8 and groups == 1 else "gemm"
 
 
 CONV_CASES = [

@@ -214,11 +214,11 @@ at::Tensor run_cpu(const ConvLutPlan& p) {
   }
   if (p.w_layout.defined()) {
     if (p.groups == 1 && x.size(0) <= kFastConvBatch && active_isa() == Isa::kAvx512) {
-      // fast_conv2d validates the layout against this weight.
+      // fast_conv2d validates the layout against this weight and notes the
+      // path it took (direct or native conv).
       at::Tensor y = fast_conv2d(x, p.w_layout, w_packed, p.w_shape, A.ta, A.tw, p.alpha,
                                  A.wc.scale, A.wc.offset, w_signed, A.bias, p.stride, p.padding,
                                  p.dilation);
-      note_lut_path(LutPath::kAvx512Conv);
       return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
     }
     validate_layout(p.w_layout, w_packed, O, K, bits, w_signed);

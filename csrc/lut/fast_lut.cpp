@@ -49,7 +49,7 @@ std::atomic<int> g_isa{-1};
 std::atomic<int> g_last_path{-1};
 
 const char* const kPathNames[] = {"portable", "avx2", "avx512", "gemm", "avx512_gemm",
-                                   "avx512_conv"};
+                                   "avx512_conv", "avx512_direct_conv"};
 
 }  // namespace
 

@@ -29,9 +29,12 @@ std::string cpu_isa(c10::string_view request);
 // Which path the last CPU LUT linear/conv call took (dnateq::_lut_path), so
 // tests can name the kernels they checked.
 // kAvx512Gemm: the layout kernels on blocks of 8 rows (fast_gemm.cpp);
-// kAvx512Conv: quantize + im2col + layout decode + GEMM (fast_conv.cpp).
+// kAvx512Conv: quantize + layout decode + native conv (fast_conv.cpp);
+// kAvx512DirectConv: quantize into shifted planes + layout decode + the
+// direct FMA kernel (fast_conv.cpp, direct_conv_avx512.cpp).
 enum class LutPath : int {
-  kPortable = 0, kAvx2 = 1, kAvx512 = 2, kGemm = 3, kAvx512Gemm = 4, kAvx512Conv = 5
+  kPortable = 0, kAvx2 = 1, kAvx512 = 2, kGemm = 3, kAvx512Gemm = 4, kAvx512Conv = 5,
+  kAvx512DirectConv = 6
 };
 void note_lut_path(LutPath p);
 std::string lut_path();
@@ -70,7 +73,8 @@ void fill_weight_args(fast::GemvArgs& a, const fast::LayoutHeader& h, const at::
 // weight rows (fast_gemm.cpp). `a` is filled except for M.
 void gemm_rows_avx512(const fast::GemvArgs& a, int64_t M, int64_t N);
 // exp_conv2d_lut on the layout (fast_conv.cpp): batch <= kFastConvBatch,
-// groups == 1, AVX-512. Arguments checked by the caller, layout validated here.
+// groups == 1, AVX-512. Arguments checked by the caller, layout validated
+// here; notes the path it took (kAvx512DirectConv or kAvx512Conv).
 constexpr int64_t kFastConvBatch = 8;
 at::Tensor fast_conv2d(const at::Tensor& x, const at::Tensor& layout, const at::Tensor& w_packed,
                        at::IntArrayRef w_shape, const ExpTables& ta, const ExpTables& tw,
