@@ -81,22 +81,68 @@ struct Kind1 {
     }
   }
 
-  // Levels of 16 fields whose low nibbles are the low 4 bits of `idx`; the
-  // 16-bit masks hold field bits 4 (k4) and the sign (ks).
-  static inline __m512 lookup(__m512i idx, const __m512* t, __mmask16 k4, __mmask16 ks) {
-    __m512 v = _mm512_permutexvar_ps(idx, t[0]);
-    if constexpr (NT == 2) v = _mm512_mask_permutexvar_ps(v, k4, idx, t[1]);
+  // The field bits above the nibble come as 32-bit plane words (bit j = field
+  // j of the group). They are moved into each lane with vector shifts rather
+  // than k-masks: a mask from a general register (kmov) and the masked permute
+  // both issue on port 5 with the permutes themselves, which made n = 5 as
+  // slow as the byte layout of n = 7. Per half h (fields 16h .. 16h + 15):
+  // rot4 rotates plane bit 16h + i to bit 4 of lane i (the table-select bit
+  // of vpermt2ps); shs shifts it to bit 31 (the float's sign).
+  struct Planes {
+    __m512i rot4[2], shs[2];
+    Planes() {
+      alignas(64) int32_t r[2][16], q[2][16];
+      for (int h = 0; h < 2; ++h)
+        for (int i = 0; i < 16; ++i) {
+          r[h][i] = (36 - 16 * h - i) & 31;
+          q[h][i] = 31 - 16 * h - i;
+        }
+      for (int h = 0; h < 2; ++h) {
+        rot4[h] = _mm512_load_si512(r[h]);
+        shs[h] = _mm512_load_si512(q[h]);
+      }
+    }
+  };
+
+  // Levels of the 16 fields of half h whose low nibbles are the low 4 bits of
+  // `idx`; b4 and bs hold the broadcast plane words of field bit 4 and of the
+  // sign.
+  static inline __m512 lookup(__m512i idx, const __m512* t, const Planes& pl, int h, __m512i b4,
+                              __m512i bs) {
+    __m512 v;
+    if constexpr (NT == 2) {
+      // bit 4 of the index from the plane, bits 0-3 from the nibble (bits
+      // above 4 are ignored by vpermt2ps): (C ? B : A) with C = 0x10.
+      const __m512i i5 = _mm512_ternarylogic_epi32(idx, _mm512_rolv_epi32(b4, pl.rot4[h]),
+                                                   _mm512_set1_epi32(16), 0xD8);
+      v = _mm512_permutex2var_ps(t[0], i5, t[1]);
+    } else {
+      v = _mm512_permutexvar_ps(idx, t[0]);
+    }
     if constexpr (SG >= 0) {
-      v = _mm512_castsi512_ps(_mm512_mask_xor_epi32(
-          _mm512_castps_si512(v), ks, _mm512_castps_si512(v),
-          _mm512_set1_epi32(static_cast<int>(0x80000000u))));
+      // A ^ (B & C) with C = the sign bit: flips the level's sign.
+      v = _mm512_castsi512_ps(_mm512_ternarylogic_epi32(
+          _mm512_castps_si512(v), _mm512_sllv_epi32(bs, pl.shs[h]),
+          _mm512_set1_epi32(static_cast<int>(0x80000000u)), 0x78));
     }
     return v;
+  }
+
+  // The two halves of one group at p.
+  static inline void group(const uint8_t* p, const __m512* t, const Planes& pl, __m512* v) {
+    const __m512i d0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    const __m512i d1 = _mm512_srli_epi32(d0, 4);
+    __m512i b4 = _mm512_setzero_si512(), bs = _mm512_setzero_si512();
+    if constexpr (NT == 2) b4 = _mm512_set1_epi32(static_cast<int>(load_u32(p + 16)));
+    if constexpr (SG >= 0) bs = _mm512_set1_epi32(static_cast<int>(load_u32(p + 16 + 4 * SG)));
+    v[0] = lookup(d0, t, pl, 0, b4, bs);
+    v[1] = lookup(d1, t, pl, 1, b4, bs);
   }
 
   // R rows starting at row n, M activation rows: out[r * M + m].
   template <int M, int R>
   static void rows(const GemvArgs& a, int64_t n, double* out) {
+    const Planes pl;
     __m512 t[R][NT];
     const uint8_t* base[R];
     for (int r = 0; r < R; ++r) {
@@ -114,15 +160,9 @@ struct Kind1 {
       for (int64_t g = g0; g < g1; ++g) {
         const float* xg = a.x + 32 * g;
         for (int r = 0; r < R; ++r) {
-          const uint8_t* p = base[r] + g * kGroupBytes;
-          const __m512i d0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-          const __m512i d1 = _mm512_srli_epi32(d0, 4);
-          uint32_t p4 = 0, ps = 0;
-          if constexpr (NT == 2) p4 = load_u32(p + 16);
-          if constexpr (SG >= 0) ps = load_u32(p + 16 + 4 * SG);
-          const __m512 v0 = lookup(d0, t[r], static_cast<__mmask16>(p4), static_cast<__mmask16>(ps));
-          const __m512 v1 = lookup(d1, t[r], static_cast<__mmask16>(p4 >> 16),
-                                   static_cast<__mmask16>(ps >> 16));
+          __m512 v[2];
+          group(base[r] + g * kGroupBytes, t[r], pl, v);
+          const __m512 v0 = v[0], v1 = v[1];
           for (int m = 0; m < M; ++m) {
             const float* xm = xg + m * a.Kp;
             acc[r][m] = _mm512_fmadd_ps(v0, _mm512_loadu_ps(xm), acc[r][m]);
@@ -345,6 +385,7 @@ namespace {
 template <int NT, int SG>
 void decode_kind1(const GemvArgs& a, int64_t n0, int64_t n1, float* out, int64_t ld) {
   using KT = Kind1<NT, SG>;
+  const typename KT::Planes pl;
   const int64_t G = a.Kp / 32;
   for (int64_t n = n0; n < n1; ++n) {
     __m512 t[NT];
@@ -352,16 +393,10 @@ void decode_kind1(const GemvArgs& a, int64_t n0, int64_t n1, float* out, int64_t
     const uint8_t* base = a.data + n * a.row_bytes;
     float* o = out + (n - n0) * ld;
     for (int64_t g = 0; g < G; ++g) {
-      const uint8_t* p = base + g * KT::kGroupBytes;
-      const __m512i d0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-      const __m512i d1 = _mm512_srli_epi32(d0, 4);
-      uint32_t p4 = 0, ps = 0;
-      if constexpr (NT == 2) p4 = load_u32(p + 16);
-      if constexpr (SG >= 0) ps = load_u32(p + 16 + 4 * SG);
-      _mm512_storeu_ps(o + 32 * g, KT::lookup(d0, t, static_cast<__mmask16>(p4),
-                                             static_cast<__mmask16>(ps)));
-      _mm512_storeu_ps(o + 32 * g + 16, KT::lookup(d1, t, static_cast<__mmask16>(p4 >> 16),
-                                                  static_cast<__mmask16>(ps >> 16)));
+      __m512 v[2];
+      KT::group(base + g * KT::kGroupBytes, t, pl, v);
+      _mm512_storeu_ps(o + 32 * g, v[0]);
+      _mm512_storeu_ps(o + 32 * g + 16, v[1]);
     }
   }
 }
