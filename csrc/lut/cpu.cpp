@@ -169,7 +169,7 @@ at::Tensor run_cpu(const LutPlan& p) {
     return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
   }
   if (p.w_layout.defined()) {
-    if (M >= 1 && M <= kFastMaxRows && (M <= fast::kGemvRows || K <= kFastGemmMaxK) &&
+    if (M >= 1 && M <= kFastMaxRows &&
         active_isa() == Isa::kAvx512) {
       // fast_linear validates the layout against this weight.
       at::Tensor y = fast_linear(x, p.w_layout, w_packed, N, K, A.ta, A.tw, p.alpha,
