@@ -31,6 +31,23 @@ constexpr int64_t kFlush = 4096;  // inputs per fp32 partial sum
 inline int64_t imin(int64_t x, int64_t y) { return x < y ? x : y; }
 inline int64_t imax(int64_t x, int64_t y) { return x > y ? x : y; }
 
+// Per-lane counts of Kind1's plane decode (see Kind1::Planes), constants so
+// that a kernel call only loads them: lane i of half h rotates plane bit
+// 16h + i to bit 4, or shifts it to bit 31.
+struct PlaneCounts {
+  alignas(64) int32_t v[2][16];
+};
+constexpr PlaneCounts plane_counts(bool rotate) {
+  PlaneCounts c{};
+  for (int h = 0; h < 2; ++h)
+    for (int i = 0; i < 16; ++i) c.v[h][i] = rotate ? (36 - 16 * h - i) & 31 : 31 - 16 * h - i;
+  return c;
+}
+alignas(64) constexpr PlaneCounts kRot4Counts = plane_counts(true);
+alignas(64) constexpr PlaneCounts kShiftCounts = plane_counts(false);
+constexpr const int32_t (&kPlaneRot4)[2][16] = kRot4Counts.v;
+constexpr const int32_t (&kPlaneShift)[2][16] = kShiftCounts.v;
+
 inline uint32_t load_u32(const uint8_t* p) {
   uint32_t v;
   memcpy(&v, p, 4);
@@ -99,15 +116,9 @@ struct Kind1 {
   struct Planes {
     __m512i rot4[2], shs[2];
     Planes() {
-      alignas(64) int32_t r[2][16], q[2][16];
-      for (int h = 0; h < 2; ++h)
-        for (int i = 0; i < 16; ++i) {
-          r[h][i] = (36 - 16 * h - i) & 31;
-          q[h][i] = 31 - 16 * h - i;
-        }
       for (int h = 0; h < 2; ++h) {
-        rot4[h] = _mm512_load_si512(r[h]);
-        shs[h] = _mm512_load_si512(q[h]);
+        rot4[h] = _mm512_load_si512(kPlaneRot4[h]);
+        shs[h] = _mm512_load_si512(kPlaneShift[h]);
       }
     }
   };
