@@ -68,7 +68,11 @@ class DigitsCNN(nn.Module):
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     model.eval()
     with torch.no_grad():
-        return 100.0 * float((model(x).argmax(1) == y).float().mean())
+        return _top1(model(x), y)
+
+
+def _top1(logits: torch.Tensor, y: torch.Tensor) -> float:
+    return 100.0 * float((logits.argmax(1) == y).float().mean())
 
 
 def fidelity(logits: torch.Tensor, ref: torch.Tensor) -> dict:
@@ -180,10 +184,6 @@ def run(seed: int = 0, max_loss: float = 1.0, progress: bool = True) -> dict:
     return dict(acc_float=acc_float, acc_dnateq=acc_q, acc_int8=acc_int8,
                 acc_uniform=acc_uni, file_bytes=file_bytes, totals=tot, fidelity=fid,
                 paired_vs_uniform_storage=pair)
-
-
-def _top1(logits: torch.Tensor, y: torch.Tensor) -> float:
-    return 100.0 * float((logits.argmax(1) == y).float().mean())
 
 
 def _saved_size(qmodel: nn.Module) -> int:
