@@ -357,6 +357,26 @@ bool encode_codes_t(const float* thr, int n_thr, const float* x, int64_t n, int8
   const __m512i inf = _mm512_set1_epi32(0x7F800000);
   __mmask16 bad = 0;
   int64_t i = 0;
+  const __m512i sgn = _mm512_set1_epi32(0x80);
+  // 64 inputs per step, their codes packed into one 64-byte store: the
+  // narrowing store (vpmovdb to memory) costs several cycles on AMD Zen 4.
+  for (; i + 64 <= n; i += 64) {
+    __m128i c8[4];
+    for (int j = 0; j < 4; ++j) {
+      const __m512i u = _mm512_loadu_si512(x + i + 16 * j);
+      const __m512i mi = _mm512_and_si512(u, absmask);
+      bad |= _mm512_cmpge_epu32_mask(mi, inf);
+      const __mmask16 nz = _mm512_test_epi32_mask(mi, mi);
+      __m512i c = search(_mm512_castsi512_ps(mi));
+      c = _mm512_mask_or_epi32(c, _mm512_movepi32_mask(u), c, sgn);
+      c8[j] = _mm512_cvtepi32_epi8(_mm512_maskz_mov_epi32(nz, c));
+    }
+    __m512i p = _mm512_castsi128_si512(c8[0]);
+    p = _mm512_inserti32x4(p, c8[1], 1);
+    p = _mm512_inserti32x4(p, c8[2], 2);
+    p = _mm512_inserti32x4(p, c8[3], 3);
+    _mm512_storeu_si512(out + i, p);
+  }
   for (; i < n; i += 16) {
     const __mmask16 k = n - i >= 16 ? static_cast<__mmask16>(0xFFFF)
                                     : static_cast<__mmask16>((1u << (n - i)) - 1);
