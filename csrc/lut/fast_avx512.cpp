@@ -331,7 +331,10 @@ void dispatch_r(const GemvArgs& a, int64_t n0, int64_t n1) {
   if constexpr (std::is_same_v<KindT, Kind2>) {
     run_rows<KindT, M, 1>(a, n0, n1);
   } else {
-    constexpr int R = M <= 2 ? 4 : (M <= 4 ? 2 : 1);
+    // Weight rows decoded together: each activation load then feeds R
+    // FMAs. On AMD Zen 4 (one 512-bit load and FMA per cycle) R = 1 at
+    // M = 5..8 was bound by the activation loads, R = 2 at M = 3..4 likewise.
+    constexpr int R = M <= 4 ? 4 : 2;
     run_rows<KindT, M, R>(a, n0, n1);
   }
 }
