@@ -17,12 +17,24 @@ namespace fast {
 namespace {
 
 // ------------------------------------------------------------- encoder --
-// Biased exponents of 16 magnitudes by a branch-free binary search over the
-// sorted thresholds (padded with +inf to S - 1 = 2^steps - 1): step s reads
-// the probe thr[pos + s - 1] from a register table indexed by pos / 2s
-// (1 to 64 entries: a broadcast, vpermps, vpermi2ps, or two vpermi2ps
-// merged on one bit). The result, 1 + #{k : m >= thr[k]}, is the count of
-// SPEC section 1 (ties go up); non-finite magnitudes are flagged apart.
+// Bit-reversed rank: bit st of q is the outcome of step st of the search
+// below (most significant decision first), so q = bitrev_steps(pos) where pos
+// = #{k : m >= thr[k]}. Why reversed: at step st the decisions made so far
+// are the low st bits of q, which is exactly the index a permute reads (it
+// ignores the higher bits, still zero), so no shift is needed to form it.
+inline int bitrev(int v, int bits) {
+  int r = 0;
+  for (int b = 0; b < bits; ++b) r |= ((v >> b) & 1) << (bits - 1 - b);
+  return r;
+}
+
+// Bit-reversed ranks of 16 magnitudes by a branch-free binary search over the
+// sorted thresholds (padded with +inf to S - 1 = 2^steps - 1): step st reads
+// its probe from a register table of 2^st entries indexed by q (1 to 64
+// entries: a broadcast, vpermps, vpermi2ps, or two vpermi2ps merged on bit
+// 5), compares, and sets bit st of q. pos + 1 is the biased exponent, the
+// count of SPEC section 1 (ties go up); non-finite magnitudes are flagged
+// apart. Three vector instructions a step.
 template <int STEPS>
 struct Search {
   static constexpr int S = 1 << STEPS;
@@ -30,46 +42,60 @@ struct Search {
   explicit Search(const float* thr, int n_thr) {
     for (int st = 0; st < STEPS; ++st) {
       const int s = S >> (st + 1);   // step size
-      const int E = S / (2 * s);     // table entries
+      const int E = 1 << st;         // table entries
       alignas(64) float t[64];
       for (int j = 0; j < 64; ++j) {
         const int jj = E == 1 ? 0 : j;   // one entry: a broadcast
-        const int k = jj * 2 * s + s - 1;
+        // entry q holds the probe of the prefix whose decisions are q's bits
+        const int k = (jj < E ? bitrev(jj, st) : 0) * 2 * s + s - 1;
         t[j] = (jj < E && k < n_thr) ? thr[k] : __builtin_inff();
       }
       for (int r = 0; r < 4; ++r) tab[st][r] = _mm512_load_ps(t + 16 * r);
     }
   }
   inline __m512i operator()(__m512 m) const {
-    __m512i pos = _mm512_setzero_si512();
+    __m512i q = _mm512_setzero_si512();
     for (int st = 0; st < STEPS; ++st) {
-      const int s = S >> (st + 1);
-      const int E = S / (2 * s);
+      const int E = 1 << st;
       __m512 probe;
       if (E == 1) {
         probe = tab[st][0];
+      } else if (E <= 16) {
+        probe = _mm512_permutexvar_ps(q, tab[st][0]);
+      } else if (E == 32) {
+        probe = _mm512_permutex2var_ps(tab[st][0], q, tab[st][1]);
       } else {
-        const __m512i j = _mm512_srli_epi32(pos, STEPS - st);  // pos / (2s)
-        if (E <= 16) {
-          probe = _mm512_permutexvar_ps(j, tab[st][0]);
-        } else if (E == 32) {
-          probe = _mm512_permutex2var_ps(tab[st][0], j, tab[st][1]);
-        } else {
-          const __m512 lo = _mm512_permutex2var_ps(tab[st][0], j, tab[st][1]);
-          const __m512 hi = _mm512_permutex2var_ps(tab[st][2], j, tab[st][3]);
-          const __mmask16 b5 = _mm512_test_epi32_mask(j, _mm512_set1_epi32(32));
-          probe = _mm512_mask_blend_ps(b5, lo, hi);
-        }
+        const __m512 lo = _mm512_permutex2var_ps(tab[st][0], q, tab[st][1]);
+        const __m512 hi = _mm512_permutex2var_ps(tab[st][2], q, tab[st][3]);
+        const __mmask16 b5 = _mm512_test_epi32_mask(q, _mm512_set1_epi32(32));
+        probe = _mm512_mask_blend_ps(b5, lo, hi);
       }
       const __mmask16 ge = _mm512_cmp_ps_mask(m, probe, _CMP_GE_OQ);
-      pos = _mm512_mask_add_epi32(pos, ge, pos, _mm512_set1_epi32(s));
+      q = _mm512_mask_or_epi32(q, ge, q, _mm512_set1_epi32(1 << st));
     }
-    return _mm512_add_epi32(pos, _mm512_set1_epi32(1));
+    return q;
   }
 };
 
-// Signed float levels by biased exponent (levels[b], b = 1 .. n_thr + 1;
-// entry 0 = 0), up to 128 entries in 8 registers, read with vpermps /
+// Biased exponents from bit-reversed ranks, as bytes: entry q of a 128-byte
+// table (two registers, vpermi2b) is bitrev(q) + 1. A rank dword q < 128 has
+// zero upper bytes, which read entry 0, so only the low byte of each lane is
+// the biased exponent (callers narrow with truncation, vpmovdb).
+template <int STEPS>
+struct CodeLut {
+  __m512i lo, hi;
+  CodeLut() {
+    alignas(64) uint8_t c[128] = {};
+    for (int q = 0; q < (1 << STEPS); ++q) c[q] = static_cast<uint8_t>(bitrev(q, STEPS) + 1);
+    lo = _mm512_load_si512(c);
+    hi = _mm512_load_si512(c + 64);
+  }
+  inline __m512i operator()(__m512i q) const { return _mm512_permutex2var_epi8(lo, q, hi); }
+};
+
+// Signed float levels by bit-reversed rank (entry q = levels[bitrev(q) + 1],
+// the level of biased exponent bitrev(q) + 1 <= n_thr + 1; entry 0 of
+// `levels` = 0), up to 128 entries in 8 registers, read with vpermps /
 // vpermi2ps.
 template <int STEPS>
 struct LevelLut {
@@ -77,7 +103,10 @@ struct LevelLut {
   __m512 t[8];
   LevelLut(const float* levels, int n_thr) {
     alignas(64) float lv[128] = {};
-    for (int b = 1; b < L && b <= n_thr + 1; ++b) lv[b] = levels[b];
+    for (int q = 0; q < L; ++q) {
+      const int b = bitrev(q, STEPS) + 1;
+      lv[q] = b <= n_thr + 1 ? levels[b] : 0.f;   // larger ranks do not occur
+    }
     for (int r = 0; r < 8; ++r) t[r] = _mm512_load_ps(lv + 16 * r);
   }
   inline __m512 operator()(__m512i b) const {

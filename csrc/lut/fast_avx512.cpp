@@ -356,6 +356,7 @@ void dispatch_m(const GemvArgs& a, int64_t n0, int64_t n1) {
 template <int STEPS>
 bool encode_codes_t(const float* thr, int n_thr, const float* x, int64_t n, int8_t* out) {
   const Search<STEPS> search(thr, n_thr);
+  const CodeLut<STEPS> code;
   const __m512i absmask = _mm512_set1_epi32(0x7FFFFFFF);
   const __m512i inf = _mm512_set1_epi32(0x7F800000);
   __mmask16 bad = 0;
@@ -370,7 +371,7 @@ bool encode_codes_t(const float* thr, int n_thr, const float* x, int64_t n, int8
       const __m512i mi = _mm512_and_si512(u, absmask);
       bad |= _mm512_cmpge_epu32_mask(mi, inf);
       const __mmask16 nz = _mm512_test_epi32_mask(mi, mi);
-      __m512i c = search(_mm512_castsi512_ps(mi));
+      __m512i c = code(search(_mm512_castsi512_ps(mi)));
       c = _mm512_mask_or_epi32(c, _mm512_movepi32_mask(u), c, sgn);
       c8[j] = _mm512_cvtepi32_epi8(_mm512_maskz_mov_epi32(nz, c));
     }
@@ -388,7 +389,7 @@ bool encode_codes_t(const float* thr, int n_thr, const float* x, int64_t n, int8
     bad |= _mm512_mask_cmpge_epu32_mask(k, mi, inf);   // Inf or NaN
     const __mmask16 zero = _mm512_cmpeq_epi32_mask(mi, _mm512_setzero_si512());
     const __mmask16 neg = _mm512_movepi32_mask(u);
-    __m512i c = search(_mm512_castsi512_ps(mi));
+    __m512i c = code(search(_mm512_castsi512_ps(mi)));
     c = _mm512_mask_or_epi32(c, neg, c, _mm512_set1_epi32(0x80));
     c = _mm512_maskz_mov_epi32(static_cast<__mmask16>(~zero), c);
     _mm512_mask_cvtepi32_storeu_epi8(out + i, k, c);
