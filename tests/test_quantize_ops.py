@@ -208,6 +208,22 @@ def test_fast_paths_are_bit_exact(bits, rounding, case):
                                ref.exp_linear_lut(xm, *args), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("bits", [4, 5, 6, 7])
+@pytest.mark.parametrize("alpha", [1.01, 1.3])
+def test_word_search_key_ties_are_exact(bits, alpha):
+    # The AVX-512 codes search on the top 16 bits of |x| and corrects the one
+    # threshold whose top half equals |x|'s: magnitudes with a threshold's top
+    # half and the lowest / highest low half, and the threshold's neighbours,
+    # must get the exact count (alpha 1.01: thresholds 1 % apart, keys 2^-7).
+    g = gen(seed_of("word", bits, alpha))
+    x = _threshold_probes(alpha, 1.0, 0.0, bits, "nearest", g, n=1 << 15)
+    hi = (x.view(torch.int32) & ~0xFFFF)
+    ties = torch.cat([hi.view(torch.float32), (hi | 0xFFFF).view(torch.float32)])
+    x = torch.cat([x, ties[torch.isfinite(ties)], torch.tensor([1.0] * 5)])  # odd length: a tail
+    assert_codes_equal(dnateq.exp_quantize(x, alpha, 1.0, 0.0, bits),
+                       ref.exp_quantize(x, alpha, 1.0, 0.0, bits), "ties")
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 @pytest.mark.parametrize("bits", [3, 4])    # compare encoder, bucket table
 def test_fast_paths_reject_non_finite(bad, bits):

@@ -412,6 +412,103 @@ bool encode_levels_t(const float* thr, int n_thr, const float* levels, const flo
   return bad == 0;
 }
 
+// ------------------------------------------------------ word encoder --
+// The codes of 32 inputs per step, searched on the top 16 bits of |x| (the
+// positive floats' bit patterns order like the values): twice the lanes of
+// the float search per instruction. Exact when the positive thresholds'
+// top 16 bits are distinct (WordSearch::ok): then the key search counts
+// pos' = #{k : key_k <= key(|x|)}, which overcounts only the threshold
+// k = pos' - 1 whose key equals |x|'s and whose low 16 bits exceed |x|'s,
+// and one lookup of that threshold's two halves takes it back. Thresholds
+// <= 0 are below every magnitude: a constant `below` in the code table.
+template <int STEPS>
+struct WordSearch {
+  __m512i tab[STEPS][2];      // step st: 2^st 16-bit keys by rank (bit-reversed)
+  __m512i fk[2][2], fl[2][2]; // by rank q (128 words in 4 registers): key / low half
+  __m512i code[2][2];         // of threshold pos' - 1 (fk = 0xFFFF: none); the code
+  WordSearch(const uint16_t* key, const uint16_t* low, int n_pos, int below) {
+    constexpr int S = 1 << STEPS;
+    for (int st = 0; st < STEPS; ++st) {
+      const int s = S >> (st + 1);
+      const int E = 1 << st;
+      alignas(64) uint16_t t[64];
+      for (int j = 0; j < 64; ++j) {
+        const int jj = E == 1 ? 0 : j;
+        const int k = (jj < E ? bitrev(jj, st) : 0) * 2 * s + s - 1;
+        t[j] = (jj < E && k < n_pos) ? key[k] : static_cast<uint16_t>(0x7F80);  // +inf
+      }
+      tab[st][0] = _mm512_load_si512(t);
+      tab[st][1] = _mm512_load_si512(t + 32);
+    }
+    alignas(64) uint16_t a[128], b[128], c[128];
+    for (int q = 0; q < 128; ++q) {
+      const int pos = q < S ? bitrev(q, STEPS) : 0;
+      a[q] = pos >= 1 && pos <= n_pos ? key[pos - 1] : static_cast<uint16_t>(0xFFFF);
+      b[q] = pos >= 1 && pos <= n_pos ? low[pos - 1] : 0;
+      c[q] = static_cast<uint16_t>(1 + below + pos);
+    }
+    for (int h = 0; h < 2; ++h)
+      for (int r = 0; r < 2; ++r) {
+        fk[h][r] = _mm512_load_si512(a + 64 * h + 32 * r);
+        fl[h][r] = _mm512_load_si512(b + 64 * h + 32 * r);
+        code[h][r] = _mm512_load_si512(c + 64 * h + 32 * r);
+      }
+  }
+  static inline __m512i lookup(const __m512i (&t)[2][2], __m512i q) {
+    const __m512i lo = _mm512_permutex2var_epi16(t[0][0], q, t[0][1]);
+    if (STEPS <= 6) return lo;
+    const __m512i hi = _mm512_permutex2var_epi16(t[1][0], q, t[1][1]);
+    return _mm512_mask_blend_epi16(_mm512_test_epi16_mask(q, _mm512_set1_epi16(64)), lo, hi);
+  }
+  // Biased exponents of the magnitudes whose top / low halves are mh / ml.
+  inline __m512i operator()(__m512i mh, __m512i ml) const {
+    __m512i q = _mm512_setzero_si512();
+    for (int st = 0; st < STEPS; ++st) {
+      __m512i probe;
+      if (st == 0) probe = tab[0][0];
+      else if (st <= 5) probe = _mm512_permutexvar_epi16(q, tab[st][0]);
+      else probe = _mm512_permutex2var_epi16(tab[st][0], q, tab[st][1]);
+      const __mmask32 ge = _mm512_cmpge_epu16_mask(mh, probe);
+      q = _mm512_mask_add_epi16(q, ge, q, _mm512_set1_epi16(static_cast<short>(1 << st)));  // bit st is still 0: add = or
+    }
+    const __mmask32 eq = _mm512_cmpeq_epu16_mask(mh, lookup(fk, q));
+    const __mmask32 over = _mm512_mask_cmplt_epu16_mask(eq, ml, lookup(fl, q));
+    const __m512i c = lookup(code, q);
+    return _mm512_mask_sub_epi16(c, over, c, _mm512_set1_epi16(1));
+  }
+};
+
+template <int STEPS>
+bool word_codes_t(const uint16_t* key, const uint16_t* low, int n_pos, int below,
+                  const float* x, int64_t n, int8_t* out, int64_t* done) {
+  const WordSearch<STEPS> search(key, low, n_pos, below);
+  // word 2i+1 / 2i of the 32 dwords of two registers: their top / low halves
+  alignas(64) uint16_t ih[32], il[32];
+  for (int i = 0; i < 32; ++i) {
+    ih[i] = static_cast<uint16_t>(2 * i + 1);
+    il[i] = static_cast<uint16_t>(2 * i);
+  }
+  const __m512i idx_h = _mm512_load_si512(ih), idx_l = _mm512_load_si512(il);
+  const __m512i absmask = _mm512_set1_epi16(0x7FFF);
+  __m512i top = _mm512_setzero_si512();   // largest magnitude key seen (NaN/Inf check)
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    const __m512i u0 = _mm512_loadu_si512(x + i), u1 = _mm512_loadu_si512(x + i + 16);
+    const __m512i h = _mm512_permutex2var_epi16(u0, idx_h, u1);
+    const __m512i l = _mm512_permutex2var_epi16(u0, idx_l, u1);
+    const __m512i mh = _mm512_and_si512(h, absmask);
+    top = _mm512_max_epu16(top, mh);
+    const __mmask32 nz = _mm512_test_epi16_mask(_mm512_or_si512(mh, l), _mm512_or_si512(mh, l));
+    __m512i c = search(mh, l);
+    // sign: bit 15 of the top half -> bit 7 of the code
+    c = _mm512_ternarylogic_epi32(c, _mm512_srli_epi16(h, 8), _mm512_set1_epi16(0x80), 0xF8);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i),
+                        _mm512_cvtepi16_epi8(_mm512_maskz_mov_epi16(nz, c)));
+  }
+  *done = i;
+  return !_mm512_cmpge_epu16_mask(top, _mm512_set1_epi16(0x7F80));
+}
+
 inline int search_steps(int n_thr) {
   int st = 1;
   while ((1 << st) < n_thr + 1) ++st;
@@ -420,15 +517,67 @@ inline int search_steps(int n_thr) {
 
 }  // namespace
 
+namespace {
+
+// The word encoder's tables from the thresholds, or false when two positive
+// thresholds share their top 16 bits (alpha near 1, or a huge range).
+bool word_keys(const float* thr, int n_thr, uint16_t* key, uint16_t* low, int* n_pos,
+               int* below) {
+  int b = 0, p = 0;
+  for (int k = 0; k < n_thr; ++k) {
+    if (!(thr[k] > 0.f)) {
+      if (p > 0) return false;   // not sorted as expected: keep the float search
+      ++b;
+      continue;
+    }
+    uint32_t u;
+    memcpy(&u, thr + k, 4);
+    key[p] = static_cast<uint16_t>(u >> 16);
+    low[p] = static_cast<uint16_t>(u & 0xFFFF);
+    if (p > 0 && key[p] <= key[p - 1]) return false;
+    ++p;
+  }
+  *n_pos = p;
+  *below = b;
+  return true;
+}
+
+bool word_codes(const float* thr, int n_thr, const float* x, int64_t n, int8_t* out,
+                int64_t* done) {
+  uint16_t key[128], low[128];
+  int n_pos = 0, below = 0;
+  *done = 0;
+  if (n < 32 || !word_keys(thr, n_thr, key, low, &n_pos, &below)) return true;
+  switch (search_steps(n_pos)) {
+    case 1: return word_codes_t<1>(key, low, n_pos, below, x, n, out, done);
+    case 2: return word_codes_t<2>(key, low, n_pos, below, x, n, out, done);
+    case 3: return word_codes_t<3>(key, low, n_pos, below, x, n, out, done);
+    case 4: return word_codes_t<4>(key, low, n_pos, below, x, n, out, done);
+    case 5: return word_codes_t<5>(key, low, n_pos, below, x, n, out, done);
+    case 6: return word_codes_t<6>(key, low, n_pos, below, x, n, out, done);
+    default: return word_codes_t<7>(key, low, n_pos, below, x, n, out, done);
+  }
+}
+
+}  // namespace
+
 bool encode_codes_avx512(const float* thr, int n_thr, const float* x, int64_t n, int8_t* out) {
+  // The word encoder where it is exact, the float search for the rest (a
+  // tail of < 32 inputs, or thresholds too dense for 16-bit keys).
+  int64_t done = 0;
+  const bool ok = word_codes(thr, n_thr, x, n, out, &done);
+  x += done;
+  out += done;
+  n -= done;
+  if (n == 0) return ok;
   switch (search_steps(n_thr)) {
-    case 1: return encode_codes_t<1>(thr, n_thr, x, n, out);
-    case 2: return encode_codes_t<2>(thr, n_thr, x, n, out);
-    case 3: return encode_codes_t<3>(thr, n_thr, x, n, out);
-    case 4: return encode_codes_t<4>(thr, n_thr, x, n, out);
-    case 5: return encode_codes_t<5>(thr, n_thr, x, n, out);
-    case 6: return encode_codes_t<6>(thr, n_thr, x, n, out);
-    default: return encode_codes_t<7>(thr, n_thr, x, n, out);
+    case 1: return encode_codes_t<1>(thr, n_thr, x, n, out) && ok;
+    case 2: return encode_codes_t<2>(thr, n_thr, x, n, out) && ok;
+    case 3: return encode_codes_t<3>(thr, n_thr, x, n, out) && ok;
+    case 4: return encode_codes_t<4>(thr, n_thr, x, n, out) && ok;
+    case 5: return encode_codes_t<5>(thr, n_thr, x, n, out) && ok;
+    case 6: return encode_codes_t<6>(thr, n_thr, x, n, out) && ok;
+    default: return encode_codes_t<7>(thr, n_thr, x, n, out) && ok;
   }
 }
 

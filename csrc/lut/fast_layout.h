@@ -101,6 +101,8 @@ void decode_rows_avx512(const GemvArgs& a, int64_t n0, int64_t n1, float* out, i
 // thresholds: int8 codes, or signed levels (levels[b] by biased exponent b,
 // 1 .. n_thr + 1). Same result as format.h's encode; returns false when some
 // input is NaN or +-Inf (the caller rejects the tensor).
+// The codes take a search on 16-bit keys (32 lanes per instruction) where
+// the positive thresholds' top 16 bits are distinct, else the float search.
 bool encode_codes_avx512(const float* thr, int n_thr, const float* x, int64_t n, int8_t* out);
 bool encode_levels_avx512(const float* thr, int n_thr, const float* levels, const float* x,
                           int64_t n, float* out);
