@@ -515,6 +515,21 @@ inline int search_steps(int n_thr) {
   return st;
 }
 
+// f(std::integral_constant<int, STEPS>) for the search depth of n_thr
+// thresholds: the one switch from a run-time count to the encoders' template.
+template <typename F>
+inline bool with_steps(int n_thr, F&& f) {
+  switch (search_steps(n_thr)) {
+    case 1: return f(std::integral_constant<int, 1>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 3: return f(std::integral_constant<int, 3>{});
+    case 4: return f(std::integral_constant<int, 4>{});
+    case 5: return f(std::integral_constant<int, 5>{});
+    case 6: return f(std::integral_constant<int, 6>{});
+    default: return f(std::integral_constant<int, 7>{});
+  }
+}
+
 }  // namespace
 
 namespace {
@@ -548,15 +563,9 @@ bool word_codes(const float* thr, int n_thr, const float* x, int64_t n, int8_t* 
   int n_pos = 0, below = 0;
   *done = 0;
   if (n < 32 || !word_keys(thr, n_thr, key, low, &n_pos, &below)) return true;
-  switch (search_steps(n_pos)) {
-    case 1: return word_codes_t<1>(key, low, n_pos, below, x, n, out, done);
-    case 2: return word_codes_t<2>(key, low, n_pos, below, x, n, out, done);
-    case 3: return word_codes_t<3>(key, low, n_pos, below, x, n, out, done);
-    case 4: return word_codes_t<4>(key, low, n_pos, below, x, n, out, done);
-    case 5: return word_codes_t<5>(key, low, n_pos, below, x, n, out, done);
-    case 6: return word_codes_t<6>(key, low, n_pos, below, x, n, out, done);
-    default: return word_codes_t<7>(key, low, n_pos, below, x, n, out, done);
-  }
+  return with_steps(n_pos, [&](auto st) {
+    return word_codes_t<decltype(st)::value>(key, low, n_pos, below, x, n, out, done);
+  });
 }
 
 }  // namespace
@@ -570,28 +579,16 @@ bool encode_codes_avx512(const float* thr, int n_thr, const float* x, int64_t n,
   out += done;
   n -= done;
   if (n == 0) return ok;
-  switch (search_steps(n_thr)) {
-    case 1: return encode_codes_t<1>(thr, n_thr, x, n, out) && ok;
-    case 2: return encode_codes_t<2>(thr, n_thr, x, n, out) && ok;
-    case 3: return encode_codes_t<3>(thr, n_thr, x, n, out) && ok;
-    case 4: return encode_codes_t<4>(thr, n_thr, x, n, out) && ok;
-    case 5: return encode_codes_t<5>(thr, n_thr, x, n, out) && ok;
-    case 6: return encode_codes_t<6>(thr, n_thr, x, n, out) && ok;
-    default: return encode_codes_t<7>(thr, n_thr, x, n, out) && ok;
-  }
+  return with_steps(n_thr, [&](auto st) {
+    return encode_codes_t<decltype(st)::value>(thr, n_thr, x, n, out) && ok;
+  });
 }
 
 bool encode_levels_avx512(const float* thr, int n_thr, const float* levels, const float* x,
                           int64_t n, float* out) {
-  switch (search_steps(n_thr)) {
-    case 1: return encode_levels_t<1>(thr, n_thr, levels, x, n, out);
-    case 2: return encode_levels_t<2>(thr, n_thr, levels, x, n, out);
-    case 3: return encode_levels_t<3>(thr, n_thr, levels, x, n, out);
-    case 4: return encode_levels_t<4>(thr, n_thr, levels, x, n, out);
-    case 5: return encode_levels_t<5>(thr, n_thr, levels, x, n, out);
-    case 6: return encode_levels_t<6>(thr, n_thr, levels, x, n, out);
-    default: return encode_levels_t<7>(thr, n_thr, levels, x, n, out);
-  }
+  return with_steps(n_thr, [&](auto st) {
+    return encode_levels_t<decltype(st)::value>(thr, n_thr, levels, x, n, out);
+  });
 }
 
 namespace {
