@@ -28,6 +28,22 @@ inline int bitrev(int v, int bits) {
   return r;
 }
 
+// Entries of step st's probe table of a binary search over the n sorted
+// values v (padded with `pad` to 2^steps - 1), as Search and the word search
+// of fast_avx512.cpp read them: 64 entries, entry q < 2^st the probe of the
+// prefix whose decisions are q's bits, the rest (and, for st = 0, all) the
+// one probe of the prefix 0, so that step 0 is a broadcast.
+template <typename T>
+inline void probe_entries(const T* v, int n, T pad, int steps, int st, T* t) {
+  const int s = (1 << steps) >> (st + 1);   // step size
+  const int E = 1 << st;                   // entries
+  for (int j = 0; j < 64; ++j) {
+    const int jj = E == 1 ? 0 : j;
+    const int k = (jj < E ? bitrev(jj, st) : 0) * 2 * s + s - 1;
+    t[j] = (jj < E && k < n) ? v[k] : pad;
+  }
+}
+
 // Bit-reversed ranks of 16 magnitudes by a branch-free binary search over the
 // sorted thresholds (padded with +inf to S - 1 = 2^steps - 1): step st reads
 // its probe from a register table of 2^st entries indexed by q (1 to 64
@@ -41,15 +57,8 @@ struct Search {
   __m512 tab[STEPS][4];
   explicit Search(const float* thr, int n_thr) {
     for (int st = 0; st < STEPS; ++st) {
-      const int s = S >> (st + 1);   // step size
-      const int E = 1 << st;         // table entries
       alignas(64) float t[64];
-      for (int j = 0; j < 64; ++j) {
-        const int jj = E == 1 ? 0 : j;   // one entry: a broadcast
-        // entry q holds the probe of the prefix whose decisions are q's bits
-        const int k = (jj < E ? bitrev(jj, st) : 0) * 2 * s + s - 1;
-        t[j] = (jj < E && k < n_thr) ? thr[k] : __builtin_inff();
-      }
+      probe_entries(thr, n_thr, __builtin_inff(), STEPS, st, t);
       for (int r = 0; r < 4; ++r) tab[st][r] = _mm512_load_ps(t + 16 * r);
     }
   }

@@ -359,21 +359,24 @@ bool encode_codes_t(const float* thr, int n_thr, const float* x, int64_t n, int8
   const CodeLut<STEPS> code;
   const __m512i absmask = _mm512_set1_epi32(0x7FFFFFFF);
   const __m512i inf = _mm512_set1_epi32(0x7F800000);
-  __mmask16 bad = 0;
-  int64_t i = 0;
   const __m512i sgn = _mm512_set1_epi32(0x80);
+  __mmask16 bad = 0;
+  // int32 codes of the lanes k of the raw bits u (0 in the other lanes)
+  auto codes16 = [&](__m512i u, __mmask16 k) {
+    const __m512i mi = _mm512_and_si512(u, absmask);
+    bad |= _mm512_mask_cmpge_epu32_mask(k, mi, inf);   // Inf or NaN
+    const __mmask16 nz = _mm512_mask_test_epi32_mask(k, mi, mi);
+    __m512i c = code(search(_mm512_castsi512_ps(mi)));
+    c = _mm512_mask_or_epi32(c, _mm512_movepi32_mask(u), c, sgn);
+    return _mm512_maskz_mov_epi32(nz, c);
+  };
+  int64_t i = 0;
   // 64 inputs per step, their codes packed into one 64-byte store: the
   // narrowing store (vpmovdb to memory) costs several cycles on AMD Zen 4.
   for (; i + 64 <= n; i += 64) {
     __m128i c8[4];
     for (int j = 0; j < 4; ++j) {
-      const __m512i u = _mm512_loadu_si512(x + i + 16 * j);
-      const __m512i mi = _mm512_and_si512(u, absmask);
-      bad |= _mm512_cmpge_epu32_mask(mi, inf);
-      const __mmask16 nz = _mm512_test_epi32_mask(mi, mi);
-      __m512i c = code(search(_mm512_castsi512_ps(mi)));
-      c = _mm512_mask_or_epi32(c, _mm512_movepi32_mask(u), c, sgn);
-      c8[j] = _mm512_cvtepi32_epi8(_mm512_maskz_mov_epi32(nz, c));
+      c8[j] = _mm512_cvtepi32_epi8(codes16(_mm512_loadu_si512(x + i + 16 * j), 0xFFFF));
     }
     __m512i p = _mm512_castsi128_si512(c8[0]);
     p = _mm512_inserti32x4(p, c8[1], 1);
@@ -384,15 +387,7 @@ bool encode_codes_t(const float* thr, int n_thr, const float* x, int64_t n, int8
   for (; i < n; i += 16) {
     const __mmask16 k = n - i >= 16 ? static_cast<__mmask16>(0xFFFF)
                                     : static_cast<__mmask16>((1u << (n - i)) - 1);
-    const __m512i u = _mm512_maskz_loadu_epi32(k, x + i);
-    const __m512i mi = _mm512_and_si512(u, absmask);
-    bad |= _mm512_mask_cmpge_epu32_mask(k, mi, inf);   // Inf or NaN
-    const __mmask16 zero = _mm512_cmpeq_epi32_mask(mi, _mm512_setzero_si512());
-    const __mmask16 neg = _mm512_movepi32_mask(u);
-    __m512i c = code(search(_mm512_castsi512_ps(mi)));
-    c = _mm512_mask_or_epi32(c, neg, c, _mm512_set1_epi32(0x80));
-    c = _mm512_maskz_mov_epi32(static_cast<__mmask16>(~zero), c);
-    _mm512_mask_cvtepi32_storeu_epi8(out + i, k, c);
+    _mm512_mask_cvtepi32_storeu_epi8(out + i, k, codes16(_mm512_maskz_loadu_epi32(k, x + i), k));
   }
   return bad == 0;
 }
@@ -416,27 +411,23 @@ bool encode_levels_t(const float* thr, int n_thr, const float* levels, const flo
 // The codes of 32 inputs per step, searched on the top 16 bits of |x| (the
 // positive floats' bit patterns order like the values): twice the lanes of
 // the float search per instruction. Exact when the positive thresholds'
-// top 16 bits are distinct (WordSearch::ok): then the key search counts
+// top 16 bits are distinct (word_keys checks): then the key search counts
 // pos' = #{k : key_k <= key(|x|)}, which overcounts only the threshold
 // k = pos' - 1 whose key equals |x|'s and whose low 16 bits exceed |x|'s,
 // and one lookup of that threshold's two halves takes it back. Thresholds
 // <= 0 are below every magnitude: a constant `below` in the code table.
 template <int STEPS>
 struct WordSearch {
-  __m512i tab[STEPS][2];      // step st: 2^st 16-bit keys by rank (bit-reversed)
-  __m512i fk[2][2], fl[2][2]; // by rank q (128 words in 4 registers): key / low half
-  __m512i code[2][2];         // of threshold pos' - 1 (fk = 0xFFFF: none); the code
+  // step st's probe keys by bit-reversed rank (64 words in 2 registers)
+  __m512i tab[STEPS][2];
+  // by rank q (128 words in 4 registers): the key and low half of threshold
+  // pos' - 1 (key 0xFFFF: none, never equal), and the biased exponent pos' + 1
+  __m512i fk[2][2], fl[2][2], code[2][2];
   WordSearch(const uint16_t* key, const uint16_t* low, int n_pos, int below) {
     constexpr int S = 1 << STEPS;
     for (int st = 0; st < STEPS; ++st) {
-      const int s = S >> (st + 1);
-      const int E = 1 << st;
       alignas(64) uint16_t t[64];
-      for (int j = 0; j < 64; ++j) {
-        const int jj = E == 1 ? 0 : j;
-        const int k = (jj < E ? bitrev(jj, st) : 0) * 2 * s + s - 1;
-        t[j] = (jj < E && k < n_pos) ? key[k] : static_cast<uint16_t>(0x7F80);  // +inf
-      }
+      probe_entries(key, n_pos, static_cast<uint16_t>(0x7F80), STEPS, st, t);  // pad: +inf
       tab[st][0] = _mm512_load_si512(t);
       tab[st][1] = _mm512_load_si512(t + 32);
     }
