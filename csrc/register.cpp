@@ -63,6 +63,7 @@ TORCH_LIBRARY(dnateq, m) {
     return dnateq::cpu::cpu_isa(isa);
   });
   m.def("_lut_path() -> str", []() { return dnateq::cpu::lut_path(); });
+  m.def("_quantize_path() -> str", []() { return dnateq::quantize_path(); });
   m.def(
       "exp_fit(Tensor x, int bits, str search=\"golden\", "
       "str rounding=\"nearest\", float? alpha=None) "

@@ -224,6 +224,37 @@ def test_word_search_key_ties_are_exact(bits, alpha):
                        ref.exp_quantize(x, alpha, 1.0, 0.0, bits), "ties")
 
 
+# Parameter sets and the AVX-512 code encoder each takes: the key search whose
+# first 5 / 4 steps are one lookup of 64 key cells (thresholds about evenly
+# spread in log scale; a fit of N(0, 1) at n = 7, whose few smallest positive
+# thresholds lie far below the rest, leaves too many probes for 64 cells at 5
+# steps), the key search alone (thresholds just above 0, beta < 0: too uneven
+# for either), and the float search (beta >> S: threshold keys collide).
+_WORD_PLANS = [(6, 1.05, 0.5, 0.0, "avx512_word_cell5"),
+               (4, 1.2, 0.5, 0.0, "avx512_word_cell4"),
+               (7, 1.0199, 1.444, -0.4184, "avx512_word_cell4"),
+               (5, 1.05, 0.5, -1.0, "avx512_word"),
+               (5, 1.05, 0.5, 10.0, "avx512_float")]
+
+
+@pytest.mark.parametrize("bits,alpha,S,beta,plan", _WORD_PLANS)
+def test_word_search_plans_are_exact(bits, alpha, S, beta, plan):
+    # Every finite 16-bit key (so every cell of the cell start, whole), each
+    # with the lowest, the highest and a random low half, both signs, plus
+    # the thresholds and their neighbours: the codes of every plan must equal
+    # the reference's, and the plan must be the one this parameter set takes.
+    g = gen(seed_of("plans", bits, alpha, beta))
+    keys = torch.arange(0, 0x7F80, dtype=torch.int32) << 16
+    low = torch.randint(0, 1 << 16, keys.shape, generator=g, dtype=torch.int32)
+    mags = torch.cat([keys, keys | 0xFFFF, keys | low]).view(torch.float32)
+    x = torch.cat([mags, -mags, _threshold_probes(alpha, S, beta, bits, "nearest", g, n=64)])
+    x = x[torch.randperm(x.numel(), generator=g)]
+    got = dnateq.exp_quantize(x, alpha, S, beta, bits)
+    if dnateq.ops.cpu_isa() == "avx512":
+        assert dnateq.ops.last_quantize_path() == plan
+    assert_codes_equal(got, ref.exp_quantize(x, alpha, S, beta, bits), plan)
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 @pytest.mark.parametrize("bits", [3, 4])    # compare encoder, bucket table
 def test_fast_paths_reject_non_finite(bad, bits):

@@ -408,7 +408,7 @@ bool encode_levels_t(const float* thr, int n_thr, const float* levels, const flo
 }
 
 // ------------------------------------------------------ word encoder --
-// The codes of 32 inputs per step, searched on the top 16 bits of |x| (the
+// The codes of 64 inputs per step, searched on the top 16 bits of |x| (the
 // positive floats' bit patterns order like the values): twice the lanes of
 // the float search per instruction. Exact when the positive thresholds'
 // top 16 bits are distinct (word_keys checks): then the key search counts
@@ -416,34 +416,136 @@ bool encode_levels_t(const float* thr, int n_thr, const float* levels, const flo
 // k = pos' - 1 whose key equals |x|'s and whose low 16 bits exceed |x|'s,
 // and one lookup of that threshold's two halves takes it back. Thresholds
 // <= 0 are below every magnitude: a constant `below` in the code table.
+// Step st's probe keys by bit-reversed rank (probe_entries; pad: the key of
+// +inf, above every finite magnitude's).
+constexpr uint16_t kKeyPad = 0x7F80;
 template <int STEPS>
+struct WordProbes {
+  alignas(64) uint16_t t[STEPS][64];
+  WordProbes(const uint16_t* key, int n_pos) {
+    for (int st = 0; st < STEPS; ++st) probe_entries(key, n_pos, kKeyPad, STEPS, st, t[st]);
+  }
+  // The decisions of the first cs steps for key mh (the low cs bits of q), as
+  // the vector search makes them.
+  int prefix(int cs, uint32_t mh) const {
+    int q = 0;
+    for (int st = 0; st < cs; ++st)
+      if (mh >= t[st][q]) q |= 1 << st;
+    return q;
+  }
+};
+
+// The first CS steps of the word search in one table lookup. The keys are
+// cut into 64 cells, cell(mh) = min(((mh -sat base) * f) >> 16, 63), with f
+// such that at most one probe of those steps lies inside a cell (a probe at
+// a cell's first key does not split it). A cell then holds the CS decisions
+// of its keys below that probe (lo) and at or above it (hi): three vpermi2w,
+// a compare and a blend, after the cell's three instructions, replace CS
+// steps of three. Not `ok` where the probes are too uneven for 64 cells
+// (e.g. thresholds crowded above beta > 0): the caller tries a smaller CS.
+template <int STEPS, int CS>
+struct CellStart {
+  __m512i base, f, probe[2], lo[2], hi[2];
+  bool ok = false;
+  static uint32_t cell(uint32_t mh, uint32_t b, uint32_t ff) {
+    const uint32_t d = mh > b ? mh - b : 0;
+    const uint32_t c = (d * ff) >> 16;
+    return c < 63 ? c : 63;
+  }
+  explicit CellStart(const WordProbes<STEPS>& pr) {
+    uint16_t p[64];
+    int np = 0;
+    for (int st = 0; st < CS; ++st)
+      for (int j = 0; j < (1 << st); ++j)
+        if (pr.t[st][j] != kKeyPad) p[np++] = pr.t[st][j];
+    if (np == 0) return;
+    uint16_t pmin = p[0], pmax = p[0];
+    for (int i = 1; i < np; ++i) {
+      pmin = p[i] < pmin ? p[i] : pmin;
+      pmax = p[i] > pmax ? p[i] : pmax;
+    }
+    const uint32_t span = pmax - pmin;
+    const uint32_t ff = span == 0 ? 65535u : imin(65535, (64 * 65536 - 1) / span);
+    alignas(64) uint16_t K[64], L[64], H[64];
+    for (int c = 0; c < 64; ++c) K[c] = 0xFFFF;   // no split: never >= (mh <= 0x7FFF)
+    for (int i = 0; i < np; ++i) {
+      if (p[i] == 0) continue;
+      const uint32_t c = cell(p[i], pmin, ff);
+      if (cell(p[i] - 1u, pmin, ff) != c) continue;   // at the cell's first key
+      if (K[c] != 0xFFFF && K[c] != p[i]) return;     // two probes inside one cell
+      K[c] = p[i];
+    }
+    for (uint32_t c = 0; c < 64; ++c) {
+      // first key of cell c: the least d with (d * ff) >> 16 >= c
+      const uint32_t first = c == 0 ? 0 : pmin + (c * 65536u + ff - 1) / ff;
+      const uint32_t next = c == 63 ? 0x10000u : pmin + ((c + 1) * 65536u + ff - 1) / ff;
+      // keys from kKeyPad on are Inf / NaN, which the encoder rejects
+      const uint32_t last = (next > kKeyPad ? kKeyPad : next) - 1;
+      if (first > last) {   // no finite key reaches this cell
+        L[c] = H[c] = 0;
+        continue;
+      }
+      L[c] = static_cast<uint16_t>(pr.prefix(CS, first));
+      H[c] = static_cast<uint16_t>(pr.prefix(CS, last));
+      if (K[c] == 0xFFFF && L[c] != H[c]) return;     // (cannot happen: a split is a probe)
+    }
+    base = _mm512_set1_epi16(static_cast<short>(pmin));
+    f = _mm512_set1_epi16(static_cast<short>(ff));
+    for (int r = 0; r < 2; ++r) {
+      probe[r] = _mm512_load_si512(K + 32 * r);
+      lo[r] = _mm512_load_si512(L + 32 * r);
+      hi[r] = _mm512_load_si512(H + 32 * r);
+    }
+    ok = true;
+  }
+  inline __m512i operator()(__m512i mh) const {
+    const __m512i c = _mm512_min_epu16(_mm512_mulhi_epu16(_mm512_subs_epu16(mh, base), f),
+                                       _mm512_set1_epi16(63));
+    const __m512i k = _mm512_permutex2var_epi16(probe[0], c, probe[1]);
+    const __m512i q = _mm512_permutex2var_epi16(lo[0], c, lo[1]);
+    return _mm512_mask_mov_epi16(q, _mm512_cmpge_epu16_mask(mh, k),
+                                 _mm512_permutex2var_epi16(hi[0], c, hi[1]));
+  }
+};
+template <int STEPS>
+struct CellStart<STEPS, 0> {
+  bool ok = true;
+  explicit CellStart(const WordProbes<STEPS>&) {}
+  inline __m512i operator()(__m512i) const { return _mm512_setzero_si512(); }
+};
+
+template <int STEPS, int CS>
 struct WordSearch {
   // step st's probe keys by bit-reversed rank (64 words in 2 registers)
   __m512i tab[STEPS][2];
   // by rank q (128 words in 4 registers): the key and low half of threshold
-  // pos' - 1 (key 0xFFFF: none, never equal), and the biased exponent pos' + 1
-  __m512i fk[2][2], fl[2][2], code[2][2];
-  WordSearch(const uint16_t* key, const uint16_t* low, int n_pos, int below) {
+  // pos' - 1 (key 0xFFFF: none, never equal); and (128 bytes in 2 registers)
+  // the biased exponent pos' + 1
+  __m512i fk[2][2], fl[2][2], code[2];
+  const CellStart<STEPS, CS>& start;
+  WordSearch(const WordProbes<STEPS>& pr, const CellStart<STEPS, CS>& cs, const uint16_t* key,
+             const uint16_t* low, int n_pos, int below)
+      : start(cs) {
     constexpr int S = 1 << STEPS;
     for (int st = 0; st < STEPS; ++st) {
-      alignas(64) uint16_t t[64];
-      probe_entries(key, n_pos, static_cast<uint16_t>(0x7F80), STEPS, st, t);  // pad: +inf
-      tab[st][0] = _mm512_load_si512(t);
-      tab[st][1] = _mm512_load_si512(t + 32);
+      tab[st][0] = _mm512_load_si512(pr.t[st]);
+      tab[st][1] = _mm512_load_si512(pr.t[st] + 32);
     }
-    alignas(64) uint16_t a[128], b[128], c[128];
+    alignas(64) uint16_t a[128], b[128];
+    alignas(64) uint8_t c[128];
     for (int q = 0; q < 128; ++q) {
       const int pos = q < S ? bitrev(q, STEPS) : 0;
       a[q] = pos >= 1 && pos <= n_pos ? key[pos - 1] : static_cast<uint16_t>(0xFFFF);
       b[q] = pos >= 1 && pos <= n_pos ? low[pos - 1] : 0;
-      c[q] = static_cast<uint16_t>(1 + below + pos);
+      c[q] = static_cast<uint8_t>(1 + below + pos);
     }
-    for (int h = 0; h < 2; ++h)
+    for (int h = 0; h < 2; ++h) {
+      code[h] = _mm512_load_si512(c + 64 * h);
       for (int r = 0; r < 2; ++r) {
         fk[h][r] = _mm512_load_si512(a + 64 * h + 32 * r);
         fl[h][r] = _mm512_load_si512(b + 64 * h + 32 * r);
-        code[h][r] = _mm512_load_si512(c + 64 * h + 32 * r);
       }
+    }
   }
   static inline __m512i lookup(const __m512i (&t)[2][2], __m512i q) {
     const __m512i lo = _mm512_permutex2var_epi16(t[0][0], q, t[0][1]);
@@ -451,10 +553,11 @@ struct WordSearch {
     const __m512i hi = _mm512_permutex2var_epi16(t[1][0], q, t[1][1]);
     return _mm512_mask_blend_epi16(_mm512_test_epi16_mask(q, _mm512_set1_epi16(64)), lo, hi);
   }
-  // Biased exponents of the magnitudes whose top / low halves are mh / ml.
-  inline __m512i operator()(__m512i mh, __m512i ml) const {
-    __m512i q = _mm512_setzero_si512();
-    for (int st = 0; st < STEPS; ++st) {
+  // Bit-reversed ranks pos' of the magnitudes whose top / low halves are mh /
+  // ml; *over: the lanes whose pos' counts one threshold too many.
+  inline __m512i rank(__m512i mh, __m512i ml, __mmask32* over) const {
+    __m512i q = start(mh);
+    for (int st = CS; st < STEPS; ++st) {
       __m512i probe;
       if (st == 0) probe = tab[0][0];
       else if (st <= 5) probe = _mm512_permutexvar_epi16(q, tab[st][0]);
@@ -463,38 +566,60 @@ struct WordSearch {
       q = _mm512_mask_add_epi16(q, ge, q, _mm512_set1_epi16(static_cast<short>(1 << st)));  // bit st is still 0: add = or
     }
     const __mmask32 eq = _mm512_cmpeq_epu16_mask(mh, lookup(fk, q));
-    const __mmask32 over = _mm512_mask_cmplt_epu16_mask(eq, ml, lookup(fl, q));
-    const __m512i c = lookup(code, q);
-    return _mm512_mask_sub_epi16(c, over, c, _mm512_set1_epi16(1));
+    *over = _mm512_mask_cmplt_epu16_mask(eq, ml, lookup(fl, q));
+    return q;
+  }
+  // Biased exponents (bytes) of the ranks q8 (bytes), less one in lanes `over`.
+  inline __m512i codes(__m512i q8, __mmask64 over) const {
+    const __m512i c = _mm512_permutex2var_epi8(code[0], q8, code[1]);
+    return _mm512_mask_sub_epi8(c, over, c, _mm512_set1_epi8(1));
   }
 };
 
-template <int STEPS>
-bool word_codes_t(const uint16_t* key, const uint16_t* low, int n_pos, int below,
+template <int STEPS, int CS>
+bool word_codes_t(const WordProbes<STEPS>& pr, const CellStart<STEPS, CS>& cs,
+                  const uint16_t* key, const uint16_t* low, int n_pos, int below,
                   const float* x, int64_t n, int8_t* out, int64_t* done) {
-  const WordSearch<STEPS> search(key, low, n_pos, below);
-  // word 2i+1 / 2i of the 32 dwords of two registers: their top / low halves
+  const WordSearch<STEPS, CS> search(pr, cs, key, low, n_pos, below);
+  // word 2i+1 / 2i of the 32 dwords of two registers: their top / low halves;
+  // byte 2k of two word registers: the low bytes of their 64 words
   alignas(64) uint16_t ih[32], il[32];
+  alignas(64) uint8_t ib[64];
   for (int i = 0; i < 32; ++i) {
     ih[i] = static_cast<uint16_t>(2 * i + 1);
     il[i] = static_cast<uint16_t>(2 * i);
   }
+  for (int k = 0; k < 64; ++k) ib[k] = static_cast<uint8_t>(2 * k);
   const __m512i idx_h = _mm512_load_si512(ih), idx_l = _mm512_load_si512(il);
+  const __m512i idx_b = _mm512_load_si512(ib);
   const __m512i absmask = _mm512_set1_epi16(0x7FFF);
   __m512i top = _mm512_setzero_si512();   // largest magnitude key seen (NaN/Inf check)
   int64_t i = 0;
-  for (; i + 32 <= n; i += 32) {
-    const __m512i u0 = _mm512_loadu_si512(x + i), u1 = _mm512_loadu_si512(x + i + 16);
-    const __m512i h = _mm512_permutex2var_epi16(u0, idx_h, u1);
-    const __m512i l = _mm512_permutex2var_epi16(u0, idx_l, u1);
-    const __m512i mh = _mm512_and_si512(h, absmask);
-    top = _mm512_max_epu16(top, mh);
-    const __mmask32 nz = _mm512_test_epi16_mask(_mm512_or_si512(mh, l), _mm512_or_si512(mh, l));
-    __m512i c = search(mh, l);
-    // sign: bit 15 of the top half -> bit 7 of the code
-    c = _mm512_ternarylogic_epi32(c, _mm512_srli_epi16(h, 8), _mm512_set1_epi16(0x80), 0xF8);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i),
-                        _mm512_cvtepi16_epi8(_mm512_maskz_mov_epi16(nz, c)));
+  // 64 inputs per step: two word searches of 32, whose ranks are narrowed
+  // to bytes in one permute, so that the biased exponents come from one
+  // byte lookup and the sign, the correction and zero are one masked
+  // instruction each for 64 codes.
+  for (; i + 64 <= n; i += 64) {
+    __m512i q[2];
+    __mmask32 over[2], nz[2], neg[2];
+    for (int j = 0; j < 2; ++j) {
+      const __m512i u0 = _mm512_loadu_si512(x + i + 32 * j);
+      const __m512i u1 = _mm512_loadu_si512(x + i + 32 * j + 16);
+      const __m512i h = _mm512_permutex2var_epi16(u0, idx_h, u1);
+      const __m512i l = _mm512_permutex2var_epi16(u0, idx_l, u1);
+      const __m512i mh = _mm512_and_si512(h, absmask);
+      top = _mm512_max_epu16(top, mh);
+      const __m512i any = _mm512_or_si512(mh, l);
+      nz[j] = _mm512_test_epi16_mask(any, any);
+      neg[j] = _mm512_movepi16_mask(h);
+      q[j] = search.rank(mh, l, &over[j]);
+    }
+    __m512i c = search.codes(_mm512_permutex2var_epi8(q[0], idx_b, q[1]),
+                             _mm512_kunpackd(over[1], over[0]));
+    // the sign bit (c < 0x80: add = or)
+    c = _mm512_mask_add_epi8(c, _mm512_kunpackd(neg[1], neg[0]), c,
+                             _mm512_set1_epi8(static_cast<char>(0x80)));
+    _mm512_storeu_si512(out + i, _mm512_maskz_mov_epi8(_mm512_kunpackd(nz[1], nz[0]), c));
   }
   *done = i;
   return !_mm512_cmpge_epu16_mask(top, _mm512_set1_epi16(0x7F80));
@@ -548,24 +673,55 @@ bool word_keys(const float* thr, int n_thr, uint16_t* key, uint16_t* low, int* n
   return true;
 }
 
+// Inputs from which a cell start pays for building its tables.
+constexpr int64_t kCellMinInputs = 1024;
+
+// word_codes_t with the largest cell start of CS, CS - 1, ..., 4 steps that
+// the probes allow, else none: a cell start saves work only from 4 steps on
+// (its 8 instructions against 3 a step, 2 for the first).
+template <int STEPS, int CS>
+bool word_codes_cs(const WordProbes<STEPS>& pr, const uint16_t* key, const uint16_t* low,
+                   int n_pos, int below, const float* x, int64_t n, int8_t* out, int64_t* done,
+                   EncodePlan* plan) {
+  if constexpr (CS >= 4) {
+    if (n >= kCellMinInputs) {
+      const CellStart<STEPS, CS> cs(pr);
+      if (cs.ok) {
+        *plan = static_cast<EncodePlan>(CS);
+        return word_codes_t(pr, cs, key, low, n_pos, below, x, n, out, done);
+      }
+    }
+    return word_codes_cs<STEPS, CS - 1>(pr, key, low, n_pos, below, x, n, out, done, plan);
+  } else {
+    const CellStart<STEPS, 0> none(pr);
+    *plan = EncodePlan::kWord;
+    return word_codes_t(pr, none, key, low, n_pos, below, x, n, out, done);
+  }
+}
+
 bool word_codes(const float* thr, int n_thr, const float* x, int64_t n, int8_t* out,
-                int64_t* done) {
+                int64_t* done, EncodePlan* plan) {
   uint16_t key[128], low[128];
   int n_pos = 0, below = 0;
   *done = 0;
-  if (n < 32 || !word_keys(thr, n_thr, key, low, &n_pos, &below)) return true;
+  if (n < 64 || !word_keys(thr, n_thr, key, low, &n_pos, &below)) return true;
   return with_steps(n_pos, [&](auto st) {
-    return word_codes_t<decltype(st)::value>(key, low, n_pos, below, x, n, out, done);
+    constexpr int S = decltype(st)::value;
+    const WordProbes<S> pr(key, n_pos);
+    return word_codes_cs<S, (S < 5 ? S : 5)>(pr, key, low, n_pos, below, x, n, out, done, plan);
   });
 }
 
 }  // namespace
 
-bool encode_codes_avx512(const float* thr, int n_thr, const float* x, int64_t n, int8_t* out) {
+bool encode_codes_avx512(const float* thr, int n_thr, const float* x, int64_t n, int8_t* out,
+                         EncodePlan* plan) {
   // The word encoder where it is exact, the float search for the rest (a
-  // tail of < 32 inputs, or thresholds too dense for 16-bit keys).
+  // tail of < 64 inputs, or thresholds too dense for 16-bit keys).
   int64_t done = 0;
-  const bool ok = word_codes(thr, n_thr, x, n, out, &done);
+  EncodePlan used = EncodePlan::kFloat;
+  const bool ok = word_codes(thr, n_thr, x, n, out, &done, &used);
+  if (plan) *plan = used;
   x += done;
   out += done;
   n -= done;
@@ -651,7 +807,9 @@ void gemv_avx512(const GemvArgs& a, int64_t n0, int64_t n1) {
 namespace dnateq { namespace cpu { namespace fast {
 void gemv_avx512(const GemvArgs&, int64_t, int64_t) {}
 void decode_rows_avx512(const GemvArgs&, int64_t, int64_t, float*, int64_t) {}
-bool encode_codes_avx512(const float*, int, const float*, int64_t, int8_t*) { return false; }
+bool encode_codes_avx512(const float*, int, const float*, int64_t, int8_t*, EncodePlan*) {
+  return false;
+}
 bool encode_levels_avx512(const float*, int, const float*, const float*, int64_t, float*) {
   return false;
 }

@@ -103,7 +103,11 @@ void decode_rows_avx512(const GemvArgs& a, int64_t n0, int64_t n1, float* out, i
 // input is NaN or +-Inf (the caller rejects the tensor).
 // The codes take a search on 16-bit keys (32 lanes per instruction) where
 // the positive thresholds' top 16 bits are distinct, else the float search.
-bool encode_codes_avx512(const float* thr, int n_thr, const float* x, int64_t n, int8_t* out);
+// *plan (if given) says which ran on the bulk of x: kFloat, kWord, or the
+// word search whose first 4 or 5 steps are one cell lookup.
+enum class EncodePlan : int { kFloat = 0, kWord = 1, kWordCell4 = 4, kWordCell5 = 5 };
+bool encode_codes_avx512(const float* thr, int n_thr, const float* x, int64_t n, int8_t* out,
+                         EncodePlan* plan = nullptr);
 bool encode_levels_avx512(const float* thr, int n_thr, const float* levels, const float* x,
                           int64_t n, float* out);
 

@@ -135,10 +135,25 @@ bool fake_quantize_block(const float* x, int64_t n, const ExpTables& t,
   return ok;
 }
 
-inline bool avx512_encode(const ExpTables& t, const float* in, int64_t n, int8_t* out) {
-  return fast::encode_codes_avx512(t.thresholds, t.n_thr, in, n, out);
+enum class Encoder : int {
+  kAvx512Float = 0, kAvx512Word = 1, kAvx512WordCell4 = 4, kAvx512WordCell5 = 5,
+  kAvx2Compare = 6, kBucket = 7, kCounting = 8
+};
+static std::atomic<int> g_last_encoder{-1};
+inline void note_encoder(Encoder e) {
+  g_last_encoder.store(static_cast<int>(e), std::memory_order_relaxed);
 }
-inline bool avx512_encode(const ExpTables& t, const float* in, int64_t n, float* out) {
+
+inline bool avx512_encode(const ExpTables& t, const float* in, int64_t n, int8_t* out,
+                          bool note) {
+  fast::EncodePlan plan = fast::EncodePlan::kFloat;
+  const bool ok = fast::encode_codes_avx512(t.thresholds, t.n_thr, in, n, out, &plan);
+  if (note) note_encoder(static_cast<Encoder>(plan));   // same numbering
+  return ok;
+}
+inline bool avx512_encode(const ExpTables& t, const float* in, int64_t n, float* out,
+                          bool note) {
+  if (note) note_encoder(Encoder::kAvx512Float);
   return fast::encode_levels_avx512(t.thresholds, t.n_thr, t.levels, in, n, out);
 }
 
@@ -156,8 +171,12 @@ bool encode_tensor(const at::Tensor& x, const ExpTables& t, Out* o, CompareFn co
   const bool compare = !avx512 && compare_encoder_ok(t);
   BucketEncoder enc;
   if (!avx512 && !compare && x.numel() >= kBucketMinElements) build_bucket_encoder(t, enc);
-  auto encode = [&](const float* in, int64_t n, Out* out) {
-    if (avx512) return avx512_encode(t, in, n, out);
+  // `first`: the block at offset 0, whose encoder quantize_path() reports
+  auto encode = [&](const float* in, int64_t n, Out* out, bool first) {
+    if (avx512) return avx512_encode(t, in, n, out, first);
+    const Encoder e = compare ? Encoder::kAvx2Compare
+                              : (enc.ok ? Encoder::kBucket : Encoder::kCounting);
+    if (first) note_encoder(e);
     if (compare) return compare_fn(t, in, n, out);
     if (enc.ok) return bucket_fn(enc, in, n, out);
     return block_fn(in, n, t, out);
@@ -166,14 +185,14 @@ bool encode_tensor(const at::Tensor& x, const ExpTables& t, Out* o, CompareFn co
   std::atomic<bool> ok{true};
   at::parallel_for(0, x.numel(), 16 * kBlock, [&](int64_t b0, int64_t b1) {
     if (direct) {
-      if (!encode(x.const_data_ptr<float>() + b0, b1 - b0, o + b0)) ok = false;
+      if (!encode(x.const_data_ptr<float>() + b0, b1 - b0, o + b0, b0 == 0)) ok = false;
       return;
     }
     float buf[kBlock];
     for (int64_t s = b0; s < b1; s += kBlock) {
       const int64_t n = std::min(kBlock, b1 - s);
       load_as_float(x, s, n, buf);
-      if (!encode(buf, n, o + s)) ok = false;
+      if (!encode(buf, n, o + s, s == 0)) ok = false;
     }
   });
   return ok.load();
@@ -192,6 +211,13 @@ at::Tensor fake_quantize_to_float(const at::Tensor& x_in, const ExpTables& t,
 }  // namespace detail
 
 }  // namespace cpu
+
+std::string quantize_path() {
+  static const char* const kNames[] = {"avx512_float", "avx512_word", "", "", "avx512_word_cell4",
+                                       "avx512_word_cell5", "avx2_compare", "bucket", "counting"};
+  const int v = cpu::detail::g_last_encoder.load(std::memory_order_relaxed);
+  return v < 0 ? std::string("none") : std::string(kNames[v]);
+}
 
 bool run_cpu(const QuantizePlan& p) {
   // The CPU always checks for non-finite input (check_finite only lets CUDA

@@ -24,6 +24,12 @@ struct QuantizePlan {
 // with check_finite, which saves a host synchronization).
 bool run_cpu(const QuantizePlan& p);
 bool run_cuda(const QuantizePlan& p);
+// The encoder the last CPU quantization (exp_quantize, or the LUT operators'
+// activations) ran on its first block, so tests can name what they checked:
+// "avx512_word_cell5" / "avx512_word_cell4" (the 16-bit key search whose
+// first steps are one cell lookup), "avx512_word", "avx512_float" (the float
+// search), "avx2_compare", "bucket", "counting"; "none" before any.
+std::string quantize_path();
 
 struct DequantizePlan {
   c10::Device device{at::kCPU};

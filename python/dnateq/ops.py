@@ -299,6 +299,15 @@ def last_lut_path() -> str:
     return _ops._lut_path()
 
 
+def last_quantize_path() -> str:
+    """Which encoder the last CPU quantization (``exp_quantize``, or a LUT
+    operator's activations) ran on its first block: ``"avx512_word_cell5"`` /
+    ``"avx512_word_cell4"`` (16-bit key search, its first 5 / 4 steps one table
+    lookup), ``"avx512_word"``, ``"avx512_float"``, ``"avx2_compare"``,
+    ``"bucket"`` or ``"counting"``."""
+    return _ops._quantize_path()
+
+
 
 # ---------------------------------------------------------------------------
 # fit family (csrc/fit/)
