@@ -226,13 +226,16 @@ def test_word_search_key_ties_are_exact(bits, alpha):
 
 # Parameter sets and the AVX-512 code encoder each takes: the key search whose
 # first 5 / 4 steps are one lookup of 64 key cells (thresholds about evenly
-# spread in log scale; a fit of N(0, 1) at n = 7, whose few smallest positive
-# thresholds lie far below the rest, leaves too many probes for 64 cells at 5
-# steps), the key search alone (thresholds just above 0, beta < 0: too uneven
-# for either), and the float search (beta >> S: threshold keys collide).
+# spread in log scale: cells from the smallest probe; fits of N(0, 1), beta <
+# 0: the smallest positive threshold lies far below the rest, alone in cell 0;
+# probes too close for 64 cells at 5 steps, but not at 4), the key search
+# alone (thresholds just above 0, beta < 0: too uneven for either), and the
+# float search (beta >> S: threshold keys collide).
 _WORD_PLANS = [(6, 1.05, 0.5, 0.0, "avx512_word_cell5"),
                (4, 1.2, 0.5, 0.0, "avx512_word_cell4"),
-               (7, 1.0199, 1.444, -0.4184, "avx512_word_cell4"),
+               (7, 1.0199, 1.444, -0.4184, "avx512_word_cell5"),
+               (5, 1.05, 1.5, -0.8, "avx512_word_cell4"),
+               (7, 1.1, 1.5, 0.05, "avx512_word_cell4"),
                (5, 1.05, 0.5, -1.0, "avx512_word"),
                (5, 1.05, 0.5, 10.0, "avx512_float")]
 

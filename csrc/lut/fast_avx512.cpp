@@ -453,32 +453,44 @@ struct CellStart {
     return c < 63 ? c : 63;
   }
   explicit CellStart(const WordProbes<STEPS>& pr) {
-    uint16_t p[64];
+    uint16_t p[64];   // the probes of the first CS steps, sorted
     int np = 0;
     for (int st = 0; st < CS; ++st)
-      for (int j = 0; j < (1 << st); ++j)
-        if (pr.t[st][j] != kKeyPad) p[np++] = pr.t[st][j];
+      for (int j = 0; j < (1 << st); ++j) {
+        const uint16_t v = pr.t[st][j];
+        if (v == kKeyPad) continue;
+        int k = np++;
+        for (; k > 0 && p[k - 1] > v; --k) p[k] = p[k - 1];
+        p[k] = v;
+      }
     if (np == 0) return;
-    uint16_t pmin = p[0], pmax = p[0];
-    for (int i = 1; i < np; ++i) {
-      pmin = p[i] < pmin ? p[i] : pmin;
-      pmax = p[i] > pmax ? p[i] : pmax;
-    }
-    const uint32_t span = pmax - pmin;
-    const uint32_t ff = span == 0 ? 65535u : imin(65535, (64 * 65536 - 1) / span);
+    // Cells from the smallest probe on; else cell 0 keeps the smallest probe
+    // alone and cells 1..63 start at the second. The second layout helps
+    // where beta < 0 puts the smallest positive threshold far below the rest.
+    const uint32_t span = p[np - 1] - p[0];
+    const uint32_t f0 = span == 0 ? 65535u : imin(65535, (64 * 65536 - 1) / span);
+    if (build(pr, p, np, p[0], f0)) return;
+    if (np < 3) return;
+    const uint32_t f1 = imin(65535, (63 * 65536 - 1) / (p[np - 1] - p[1]));
+    const uint32_t w1 = (65536 + f1 - 1) / f1;   // keys of cell 0's share
+    if (p[1] > w1) build(pr, p, np, p[1] - w1, f1);
+  }
+  // The tables for cell(mh) = min(((mh -sat b) * ff) >> 16, 63); false (and
+  // nothing set) where two probes lie inside one cell.
+  bool build(const WordProbes<STEPS>& pr, const uint16_t* p, int np, uint32_t b, uint32_t ff) {
     alignas(64) uint16_t K[64], L[64], H[64];
     for (int c = 0; c < 64; ++c) K[c] = 0xFFFF;   // no split: never >= (mh <= 0x7FFF)
     for (int i = 0; i < np; ++i) {
       if (p[i] == 0) continue;
-      const uint32_t c = cell(p[i], pmin, ff);
-      if (cell(p[i] - 1u, pmin, ff) != c) continue;   // at the cell's first key
-      if (K[c] != 0xFFFF && K[c] != p[i]) return;     // two probes inside one cell
+      const uint32_t c = cell(p[i], b, ff);
+      if (cell(p[i] - 1u, b, ff) != c) continue;   // at the cell's first key
+      if (K[c] != 0xFFFF && K[c] != p[i]) return false;   // two probes inside one cell
       K[c] = p[i];
     }
     for (uint32_t c = 0; c < 64; ++c) {
       // first key of cell c: the least d with (d * ff) >> 16 >= c
-      const uint32_t first = c == 0 ? 0 : pmin + (c * 65536u + ff - 1) / ff;
-      const uint32_t next = c == 63 ? 0x10000u : pmin + ((c + 1) * 65536u + ff - 1) / ff;
+      const uint32_t first = c == 0 ? 0 : b + (c * 65536u + ff - 1) / ff;
+      const uint32_t next = c == 63 ? 0x10000u : b + ((c + 1) * 65536u + ff - 1) / ff;
       // keys from kKeyPad on are Inf / NaN, which the encoder rejects
       const uint32_t last = (next > kKeyPad ? kKeyPad : next) - 1;
       if (first > last) {   // no finite key reaches this cell
@@ -487,9 +499,9 @@ struct CellStart {
       }
       L[c] = static_cast<uint16_t>(pr.prefix(CS, first));
       H[c] = static_cast<uint16_t>(pr.prefix(CS, last));
-      if (K[c] == 0xFFFF && L[c] != H[c]) return;     // (cannot happen: a split is a probe)
+      if (K[c] == 0xFFFF && L[c] != H[c]) return false;   // (cannot happen: a split is a probe)
     }
-    base = _mm512_set1_epi16(static_cast<short>(pmin));
+    base = _mm512_set1_epi16(static_cast<short>(b));
     f = _mm512_set1_epi16(static_cast<short>(ff));
     for (int r = 0; r < 2; ++r) {
       probe[r] = _mm512_load_si512(K + 32 * r);
@@ -497,6 +509,7 @@ struct CellStart {
       hi[r] = _mm512_load_si512(H + 32 * r);
     }
     ok = true;
+    return true;
   }
   inline __m512i operator()(__m512i mh) const {
     const __m512i c = _mm512_min_epu16(_mm512_mulhi_epu16(_mm512_subs_epu16(mh, base), f),
