@@ -275,3 +275,23 @@ def test_fast_paths_reject_non_finite(bad, bits):
         dnateq.exp_linear_lut(x[:-1].reshape(-1, 5), dnateq.exp_pack(
             torch.ones(2, 5, dtype=torch.int8), bits, True), [2, 5], alpha, S, beta, S, beta,
             bits, True, True, "nearest", None)
+
+
+def test_table_cache_keeps_checks_and_results():
+    # The CPU keeps the last tables each thread built, by their exact
+    # parameters. A cached parameter set must not let a bad argument through
+    # (bits is narrowed to int in the key), and more sets in turn than the
+    # cache holds must give the reference's codes on every pass.
+    g = gen(seed_of("table-cache"))
+    x = torch.randn(4096, generator=g)
+    dnateq.exp_quantize(x, 1.3, 0.5, 0.0, 4)
+    for bits in (8, 1, 4 + (1 << 32)):
+        with pytest.raises(RuntimeError, match="bits"):
+            dnateq.exp_quantize(x, 1.3, 0.5, 0.0, bits)
+    with pytest.raises(RuntimeError, match="scale"):
+        dnateq.exp_quantize(x, 1.3, -0.5, 0.0, 4)
+    sets = [(1.1 + 0.05 * i, 0.3 + 0.01 * i, -0.02 * i, 3 + i % 5) for i in range(20)]
+    for _ in range(2):
+        for a, s, b, bits in sets:
+            assert_codes_equal(dnateq.exp_quantize(x, a, s, b, bits),
+                               ref.exp_quantize(x, a, s, b, bits), (a, s, b, bits))

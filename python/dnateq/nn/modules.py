@@ -127,12 +127,24 @@ def _lut_dispatch(x: torch.Tensor, bias: Optional[torch.Tensor]):
     return torch._C._AutoDispatchBelowAutograd()
 
 
-# The overloads the eager "lut" forward calls (ops is imported, so _C is loaded).
+# The overloads the eager "lut" forward calls (ops is imported, so _C is loaded):
+# their bound C++ callables where this torch exposes them (``OpOverload._op``,
+# which ``OpOverload.__call__`` only forwards to: one Python frame less a call).
 _LINEAR_LUT = torch.ops.dnateq.exp_linear_lut.default
 _CONV2D_LUT = torch.ops.dnateq.exp_conv2d_lut.default
+_LINEAR_LUT = getattr(_LINEAR_LUT, "_op", _LINEAR_LUT)
+_CONV2D_LUT = getattr(_CONV2D_LUT, "_op", _CONV2D_LUT)
 
 # Input dtypes the LUT ops take as they are (their output has the input's dtype).
 _LUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _version(t: torch.Tensor) -> Optional[int]:
+    """t's version counter (None for inference tensors, which keep none)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
 
 
 def _eager_lut_ok(x, buffers: Dict[str, Optional[torch.Tensor]]) -> bool:
@@ -296,26 +308,33 @@ class _ExpBase(nn.Module):
         self._layout_key = self._layout_state()
 
     def _layout_state(self):
+        """What the layout was built from: the w_packed and w_layout objects (held, so
+        an identity cannot be reused), their data pointers and version counters
+        (in-place writes: load_state_dict, copy_)."""
         b = self._buffers   # not nn.Module.__getattr__: this runs on every "lut" call
         wp, lay = b["w_packed"], b["w_layout"]
+        return (wp, _version(wp), wp.data_ptr(),
+                lay, None if lay is None else _version(lay), None if lay is None else lay.data_ptr())
 
-        def version(t):
-            try:
-                return t._version
-            except RuntimeError:   # inference tensors keep no version counter
-                return None
-
-        return (wp.data_ptr(), version(wp), wp.device,
-                None if lay is None else (lay.data_ptr(), version(lay)))
+    def _layout_current(self) -> bool:
+        """Whether w_packed and w_layout are the tensors, unchanged, the layout was built
+        from: the per-call check of the eager "lut" path, compared field by field so
+        that the common case costs a few attribute reads."""
+        key = self.__dict__["_layout_key"]
+        b = self._buffers
+        wp, lay = b["w_packed"], b["w_layout"]
+        return (key is not None and key[0] is wp and key[3] is lay
+                and key[1] == _version(wp) and key[2] == wp.data_ptr()
+                and (lay is None or (key[4] == _version(lay) and key[5] == lay.data_ptr())))
 
     def _lut_layout(self) -> Optional[torch.Tensor]:
         """The layout for a "lut" forward: rebuilt first when w_packed or the layout
         changed since it was built (assignment, load_state_dict, .to())."""
         if torch.compiler.is_compiling():
             return self.w_layout
-        if self._layout_key != self._layout_state():
+        if not self._layout_current():
             self._refresh_layout()
-        return self.w_layout
+        return self._buffers["w_layout"]
 
     def _eager_lut(self, op, x: torch.Tensor, dim: int, geometry: tuple) -> torch.Tensor:
         """The "lut" forward of inference (``_eager_lut_ok``): the operator's
@@ -333,11 +352,16 @@ class _ExpBase(nn.Module):
             shape = [1] * x.dim()
             shape[dim] = -1
             x = x.float() / smooth.reshape(shape)
-        lay = self._lut_layout()
-        with torch._C._AutoDispatchBelowAutograd():
-            y = op(x, b["w_packed"], d["w_shape"], d["alpha"], d["sa"], d["ba"], d["sw"],
-                   d["bw"], d["bits"], d["a_signed"], d["w_signed"], d["rounding"], b["bias"],
-                   *geometry, b["w_scale"], b["w_offset"], lay)
+        if not self._layout_current():   # (not compiling: _eager_lut_ok checked)
+            self._refresh_layout()
+        args = (x, b["w_packed"], d["w_shape"], d["alpha"], d["sa"], d["ba"], d["sw"], d["bw"],
+                d["bits"], d["a_signed"], d["w_signed"], d["rounding"], b["bias"], *geometry,
+                b["w_scale"], b["w_offset"], b["w_layout"])
+        if torch.is_inference_mode_enabled():   # no autograd key to skip (the guard costs ~1 us)
+            y = op(*args)
+        else:
+            with torch._C._AutoDispatchBelowAutograd():
+                y = op(*args)
         return y if y.dtype == dt else y.to(dt)
 
     def resident_weight_bytes(self) -> int:
