@@ -533,7 +533,9 @@ struct WordSearch {
   __m512i tab[STEPS][2];
   // by rank q (128 words in 4 registers): the key and low half of threshold
   // pos' - 1 (key 0xFFFF: none, never equal); and (128 bytes in 2 registers)
-  // the biased exponent pos' + 1
+  // the biased exponent pos' + 1. At 7 steps (see rank) fk[0] and fl[0] hold
+  // that threshold's halves by the 6-bit prefix q6 for an even pos', fl[1]
+  // the low half of the last step's probe by q6; fk[1] is unused.
   __m512i fk[2][2], fl[2][2], code[2];
   const CellStart<STEPS, CS>& start;
   WordSearch(const WordProbes<STEPS>& pr, const CellStart<STEPS, CS>& cs, const uint16_t* key,
@@ -551,6 +553,14 @@ struct WordSearch {
       a[q] = pos >= 1 && pos <= n_pos ? key[pos - 1] : static_cast<uint16_t>(0xFFFF);
       b[q] = pos >= 1 && pos <= n_pos ? low[pos - 1] : 0;
       c[q] = static_cast<uint8_t>(1 + below + pos);
+    }
+    if (STEPS == 7) {
+      for (int q6 = 0; q6 < 64; ++q6) {
+        const int even = 2 * bitrev(q6, 6);   // pos' of q6 with the last step "below"
+        a[q6] = even >= 1 && even <= n_pos ? key[even - 1] : static_cast<uint16_t>(0xFFFF);
+        b[q6] = even >= 1 && even <= n_pos ? low[even - 1] : 0;
+        b[64 + q6] = even < n_pos ? low[even] : 0;   // the last step's probe is key[even]
+      }
     }
     for (int h = 0; h < 2; ++h) {
       code[h] = _mm512_load_si512(c + 64 * h);
@@ -570,6 +580,26 @@ struct WordSearch {
   // ml; *over: the lanes whose pos' counts one threshold too many.
   inline __m512i rank(__m512i mh, __m512i ml, __mmask32* over) const {
     __m512i q = start(mh);
+    if constexpr (STEPS == 7) {
+      // The counted threshold pos' - 1 is the last step's probe where that
+      // step said "at or above" (its key is in a register; its low half by the
+      // 6-bit prefix), else a threshold of the 6-bit prefix: 64-entry lookups
+      // (one vpermi2w each) instead of 128-entry ones (two and a blend).
+      for (int st = CS; st < 6; ++st) {
+        const __m512i probe = _mm512_permutexvar_epi16(q, tab[st][0]);
+        const __mmask32 ge = _mm512_cmpge_epu16_mask(mh, probe);
+        q = _mm512_mask_add_epi16(q, ge, q, _mm512_set1_epi16(static_cast<short>(1 << st)));
+      }
+      const __m512i probe = _mm512_permutex2var_epi16(tab[6][0], q, tab[6][1]);
+      const __mmask32 ge = _mm512_cmpge_epu16_mask(mh, probe);
+      const __m512i kv = _mm512_mask_blend_epi16(
+          ge, _mm512_permutex2var_epi16(fk[0][0], q, fk[0][1]), probe);
+      const __m512i lv = _mm512_mask_blend_epi16(
+          ge, _mm512_permutex2var_epi16(fl[0][0], q, fl[0][1]),
+          _mm512_permutex2var_epi16(fl[1][0], q, fl[1][1]));
+      *over = _mm512_mask_cmplt_epu16_mask(_mm512_cmpeq_epu16_mask(mh, kv), ml, lv);
+      return _mm512_mask_add_epi16(q, ge, q, _mm512_set1_epi16(64));
+    }
     for (int st = CS; st < STEPS; ++st) {
       __m512i probe;
       if (st == 0) probe = tab[0][0];
