@@ -439,13 +439,14 @@ struct WordProbes {
 // cut into 64 cells, cell(mh) = min(((mh -sat base) * f) >> 16, 63), with f
 // such that at most one probe of those steps lies inside a cell (a probe at
 // a cell's first key does not split it). A cell then holds the CS decisions
-// of its keys below that probe (lo) and at or above it (hi): three vpermi2w,
-// a compare and a blend, after the cell's three instructions, replace CS
-// steps of three. Not `ok` where the probes are too uneven for 64 cells
+// of its keys below that probe (lo) and at or above it (hi): two vpermi2w
+// (the probe; lo and hi in one word), a compare and a masked shift, after
+// the cell's three instructions, replace CS steps of three. Not `ok` where the probes are too uneven for 64 cells
 // (e.g. thresholds crowded above beta > 0): the caller tries a smaller CS.
 template <int STEPS, int CS>
 struct CellStart {
-  __m512i base, f, probe[2], lo[2], hi[2];
+  // lohi: the two prefixes of a cell in one word, lo | hi << 8
+  __m512i base, f, probe[2], lohi[2];
   bool ok = false;
   static uint32_t cell(uint32_t mh, uint32_t b, uint32_t ff) {
     const uint32_t d = mh > b ? mh - b : 0;
@@ -503,10 +504,10 @@ struct CellStart {
     }
     base = _mm512_set1_epi16(static_cast<short>(b));
     f = _mm512_set1_epi16(static_cast<short>(ff));
+    for (int c = 0; c < 64; ++c) L[c] = static_cast<uint16_t>(L[c] | H[c] << 8);
     for (int r = 0; r < 2; ++r) {
       probe[r] = _mm512_load_si512(K + 32 * r);
-      lo[r] = _mm512_load_si512(L + 32 * r);
-      hi[r] = _mm512_load_si512(H + 32 * r);
+      lohi[r] = _mm512_load_si512(L + 32 * r);
     }
     ok = true;
     return true;
@@ -515,9 +516,12 @@ struct CellStart {
     const __m512i c = _mm512_min_epu16(_mm512_mulhi_epu16(_mm512_subs_epu16(mh, base), f),
                                        _mm512_set1_epi16(63));
     const __m512i k = _mm512_permutex2var_epi16(probe[0], c, probe[1]);
-    const __m512i q = _mm512_permutex2var_epi16(lo[0], c, lo[1]);
-    return _mm512_mask_mov_epi16(q, _mm512_cmpge_epu16_mask(mh, k),
-                                 _mm512_permutex2var_epi16(hi[0], c, hi[1]));
+    const __m512i v = _mm512_permutex2var_epi16(lohi[0], c, lohi[1]);
+    // hi where mh >= the cell's probe, else lo with hi left in bits 8..15:
+    // every later reader of q (the steps' and lookups' permutes, which read
+    // its low 5-7 bits, and the narrowing to bytes) ignores those bits, and
+    // the steps set bits CS.. (< 8), still 0, without a carry into them.
+    return _mm512_mask_srli_epi16(v, _mm512_cmpge_epu16_mask(mh, k), v, 8);
   }
 };
 template <int STEPS>
@@ -721,7 +725,7 @@ constexpr int64_t kCellMinInputs = 1024;
 
 // word_codes_t with the largest cell start of CS, CS - 1, ..., 4 steps that
 // the probes allow, else none: a cell start saves work only from 4 steps on
-// (its 8 instructions against 3 a step, 2 for the first).
+// (its 7 instructions against 3 a step, 2 for the first).
 template <int STEPS, int CS>
 bool word_codes_cs(const WordProbes<STEPS>& pr, const uint16_t* key, const uint16_t* low,
                    int n_pos, int below, const float* x, int64_t n, int8_t* out, int64_t* done,
