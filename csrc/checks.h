@@ -149,8 +149,6 @@ inline void check_format_params(double alpha, double scale, double offset, int64
               " (S * alpha^E + beta overflows float32)");
 }
 
-// Validates the parameters of one tensor's format and builds its tables;
-// rejects parameter sets whose levels or thresholds are not finite.
 // The last tables each thread built, by their exact parameters: a layer's
 // every call passes the same (alpha, S, beta, n, rounding), and building the
 // tables takes 2^n + 2^(n+1) calls of pow (about 2 us a call at n = 4 for the
@@ -186,6 +184,8 @@ struct TablesCache {
   static bool same(double a, double b) { return std::memcmp(&a, &b, sizeof a) == 0; }
 };
 
+// Validates the parameters of one tensor's format and builds its tables;
+// rejects parameter sets whose levels or thresholds are not finite.
 inline void make_checked_tables(ExpTables& t, double alpha, double scale,
                                 double offset, int64_t bits,
                                 Rounding rounding, const char* scale_name,

@@ -441,8 +441,9 @@ struct WordProbes {
 // a cell's first key does not split it). A cell then holds the CS decisions
 // of its keys below that probe (lo) and at or above it (hi): two vpermi2w
 // (the probe; lo and hi in one word), a compare and a masked shift, after
-// the cell's three instructions, replace CS steps of three. Not `ok` where the probes are too uneven for 64 cells
-// (e.g. thresholds crowded above beta > 0): the caller tries a smaller CS.
+// the cell's three instructions, replace CS steps of three. Not `ok` where
+// the probes are too uneven for 64 cells (e.g. thresholds crowded above
+// beta > 0): the caller tries a smaller CS.
 template <int STEPS, int CS>
 struct CellStart {
   // lohi: the two prefixes of a cell in one word, lo | hi << 8
@@ -535,12 +536,12 @@ template <int STEPS, int CS>
 struct WordSearch {
   // step st's probe keys by bit-reversed rank (64 words in 2 registers)
   __m512i tab[STEPS][2];
-  // by rank q (128 words in 4 registers): the key and low half of threshold
-  // pos' - 1 (key 0xFFFF: none, never equal); and (128 bytes in 2 registers)
-  // the biased exponent pos' + 1. At 7 steps (see rank) fk[0] and fl[0] hold
-  // that threshold's halves by the 6-bit prefix q6 for an even pos', fl[1]
-  // the low half of the last step's probe by q6; fk[1] is unused.
-  __m512i fk[2][2], fl[2][2], code[2];
+  // By rank q: the key (fk, q < 64) and low half (fl[0]: q < 64, fl[1]: q =
+  // 64..127) of threshold pos' - 1 (key 0xFFFF: none, never equal), and (128
+  // bytes in 2 registers) the biased exponent pos' + 1. Only 7 steps have
+  // ranks from 64 on, and there the last step's probe stands in for fk (see
+  // rank), so a 64-entry key table serves every depth.
+  __m512i fk[2], fl[2][2], code[2];
   const CellStart<STEPS, CS>& start;
   WordSearch(const WordProbes<STEPS>& pr, const CellStart<STEPS, CS>& cs, const uint16_t* key,
              const uint16_t* low, int n_pos, int below)
@@ -558,53 +559,18 @@ struct WordSearch {
       b[q] = pos >= 1 && pos <= n_pos ? low[pos - 1] : 0;
       c[q] = static_cast<uint8_t>(1 + below + pos);
     }
-    if (STEPS == 7) {
-      for (int q6 = 0; q6 < 64; ++q6) {
-        const int even = 2 * bitrev(q6, 6);   // pos' of q6 with the last step "below"
-        a[q6] = even >= 1 && even <= n_pos ? key[even - 1] : static_cast<uint16_t>(0xFFFF);
-        b[q6] = even >= 1 && even <= n_pos ? low[even - 1] : 0;
-        b[64 + q6] = even < n_pos ? low[even] : 0;   // the last step's probe is key[even]
-      }
-    }
     for (int h = 0; h < 2; ++h) {
       code[h] = _mm512_load_si512(c + 64 * h);
-      for (int r = 0; r < 2; ++r) {
-        fk[h][r] = _mm512_load_si512(a + 64 * h + 32 * r);
-        fl[h][r] = _mm512_load_si512(b + 64 * h + 32 * r);
-      }
+      fk[h] = _mm512_load_si512(a + 32 * h);
+      for (int r = 0; r < 2; ++r) fl[h][r] = _mm512_load_si512(b + 64 * h + 32 * r);
     }
-  }
-  static inline __m512i lookup(const __m512i (&t)[2][2], __m512i q) {
-    const __m512i lo = _mm512_permutex2var_epi16(t[0][0], q, t[0][1]);
-    if (STEPS <= 6) return lo;
-    const __m512i hi = _mm512_permutex2var_epi16(t[1][0], q, t[1][1]);
-    return _mm512_mask_blend_epi16(_mm512_test_epi16_mask(q, _mm512_set1_epi16(64)), lo, hi);
   }
   // Bit-reversed ranks pos' of the magnitudes whose top / low halves are mh /
   // ml; *over: the lanes whose pos' counts one threshold too many.
   inline __m512i rank(__m512i mh, __m512i ml, __mmask32* over) const {
     __m512i q = start(mh);
-    if constexpr (STEPS == 7) {
-      // The counted threshold pos' - 1 is the last step's probe where that
-      // step said "at or above" (its key is in a register; its low half by the
-      // 6-bit prefix), else a threshold of the 6-bit prefix: 64-entry lookups
-      // (one vpermi2w each) instead of 128-entry ones (two and a blend).
-      for (int st = CS; st < 6; ++st) {
-        const __m512i probe = _mm512_permutexvar_epi16(q, tab[st][0]);
-        const __mmask32 ge = _mm512_cmpge_epu16_mask(mh, probe);
-        q = _mm512_mask_add_epi16(q, ge, q, _mm512_set1_epi16(static_cast<short>(1 << st)));
-      }
-      const __m512i probe = _mm512_permutex2var_epi16(tab[6][0], q, tab[6][1]);
-      const __mmask32 ge = _mm512_cmpge_epu16_mask(mh, probe);
-      const __m512i kv = _mm512_mask_blend_epi16(
-          ge, _mm512_permutex2var_epi16(fk[0][0], q, fk[0][1]), probe);
-      const __m512i lv = _mm512_mask_blend_epi16(
-          ge, _mm512_permutex2var_epi16(fl[0][0], q, fl[0][1]),
-          _mm512_permutex2var_epi16(fl[1][0], q, fl[1][1]));
-      *over = _mm512_mask_cmplt_epu16_mask(_mm512_cmpeq_epu16_mask(mh, kv), ml, lv);
-      return _mm512_mask_add_epi16(q, ge, q, _mm512_set1_epi16(64));
-    }
-    for (int st = CS; st < STEPS; ++st) {
+    constexpr int kLoop = STEPS == 7 ? 6 : STEPS;   // the 7th step is below
+    for (int st = CS; st < kLoop; ++st) {
       __m512i probe;
       if (st == 0) probe = tab[0][0];
       else if (st <= 5) probe = _mm512_permutexvar_epi16(q, tab[st][0]);
@@ -612,8 +578,21 @@ struct WordSearch {
       const __mmask32 ge = _mm512_cmpge_epu16_mask(mh, probe);
       q = _mm512_mask_add_epi16(q, ge, q, _mm512_set1_epi16(static_cast<short>(1 << st)));  // bit st is still 0: add = or
     }
-    const __mmask32 eq = _mm512_cmpeq_epu16_mask(mh, lookup(fk, q));
-    *over = _mm512_mask_cmplt_epu16_mask(eq, ml, lookup(fl, q));
+    // The key and low half of threshold pos' - 1, by the 6-bit prefix q.
+    __m512i kv = _mm512_permutex2var_epi16(fk[0], q, fk[1]);
+    __m512i lv = _mm512_permutex2var_epi16(fl[0][0], q, fl[0][1]);
+    if constexpr (STEPS == 7) {
+      // Where the 7th step says "at or above", pos' is odd and threshold
+      // pos' - 1 is that step's probe: its key is in a register, its low half
+      // in fl[1] by the prefix. So 64-entry lookups (one vpermi2w each) do
+      // for 128 ranks (else two and a blend each).
+      const __m512i probe = _mm512_permutex2var_epi16(tab[6][0], q, tab[6][1]);
+      const __mmask32 ge = _mm512_cmpge_epu16_mask(mh, probe);
+      kv = _mm512_mask_blend_epi16(ge, kv, probe);
+      lv = _mm512_mask_blend_epi16(ge, lv, _mm512_permutex2var_epi16(fl[1][0], q, fl[1][1]));
+      q = _mm512_mask_add_epi16(q, ge, q, _mm512_set1_epi16(64));
+    }
+    *over = _mm512_mask_cmplt_epu16_mask(_mm512_cmpeq_epu16_mask(mh, kv), ml, lv);
     return q;
   }
   // Biased exponents (bytes) of the ranks q8 (bytes), less one in lanes `over`.
@@ -669,7 +648,7 @@ bool word_codes_t(const WordProbes<STEPS>& pr, const CellStart<STEPS, CS>& cs,
     _mm512_storeu_si512(out + i, _mm512_maskz_mov_epi8(_mm512_kunpackd(nz[1], nz[0]), c));
   }
   *done = i;
-  return !_mm512_cmpge_epu16_mask(top, _mm512_set1_epi16(0x7F80));
+  return !_mm512_cmpge_epu16_mask(top, _mm512_set1_epi16(static_cast<short>(kKeyPad)));
 }
 
 inline int search_steps(int n_thr) {

@@ -135,8 +135,12 @@ bool fake_quantize_block(const float* x, int64_t n, const ExpTables& t,
   return ok;
 }
 
+// The AVX-512 encoders keep fast::EncodePlan's numbers, so a plan converts.
 enum class Encoder : int {
-  kAvx512Float = 0, kAvx512Word = 1, kAvx512WordCell4 = 4, kAvx512WordCell5 = 5,
+  kAvx512Float = static_cast<int>(fast::EncodePlan::kFloat),
+  kAvx512Word = static_cast<int>(fast::EncodePlan::kWord),
+  kAvx512WordCell4 = static_cast<int>(fast::EncodePlan::kWordCell4),
+  kAvx512WordCell5 = static_cast<int>(fast::EncodePlan::kWordCell5),
   kAvx2Compare = 6, kBucket = 7, kCounting = 8
 };
 static std::atomic<int> g_last_encoder{-1};
@@ -148,7 +152,7 @@ inline bool avx512_encode(const ExpTables& t, const float* in, int64_t n, int8_t
                           bool note) {
   fast::EncodePlan plan = fast::EncodePlan::kFloat;
   const bool ok = fast::encode_codes_avx512(t.thresholds, t.n_thr, in, n, out, &plan);
-  if (note) note_encoder(static_cast<Encoder>(plan));   // same numbering
+  if (note) note_encoder(static_cast<Encoder>(plan));
   return ok;
 }
 inline bool avx512_encode(const ExpTables& t, const float* in, int64_t n, float* out,

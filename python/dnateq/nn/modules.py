@@ -332,6 +332,10 @@ class _ExpBase(nn.Module):
         changed since it was built (assignment, load_state_dict, .to())."""
         if torch.compiler.is_compiling():
             return self.w_layout
+        return self._fresh_layout()
+
+    def _fresh_layout(self) -> Optional[torch.Tensor]:
+        """w_layout, rebuilt first if stale (eager code only: it reads version counters)."""
         if not self._layout_current():
             self._refresh_layout()
         return self._buffers["w_layout"]
@@ -352,11 +356,10 @@ class _ExpBase(nn.Module):
             shape = [1] * x.dim()
             shape[dim] = -1
             x = x.float() / smooth.reshape(shape)
-        if not self._layout_current():   # (not compiling: _eager_lut_ok checked)
-            self._refresh_layout()
+        lay = self._fresh_layout()   # (not compiling: _eager_lut_ok checked)
         args = (x, b["w_packed"], d["w_shape"], d["alpha"], d["sa"], d["ba"], d["sw"], d["bw"],
                 d["bits"], d["a_signed"], d["w_signed"], d["rounding"], b["bias"], *geometry,
-                b["w_scale"], b["w_offset"], b["w_layout"])
+                b["w_scale"], b["w_offset"], lay)
         if torch.is_inference_mode_enabled():   # no autograd key to skip (the guard costs ~1 us)
             y = op(*args)
         else:
